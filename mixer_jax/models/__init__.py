@@ -1,0 +1,124 @@
+"""The model registry: every published variant by name, and helpers to initialise variables.
+
+`create(name, *, num_classes, **overrides)` builds a flax.linen module; overrides are the module's fields
+(`image_size`, `dtype`, `act`, `stoch_depth` / `drop_path_rate`, ...). Configs, converters and benchmarks
+refer to models by these names.
+"""
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mixer_jax.models.convmixer import ConvMixer
+from mixer_jax.models.davit import DaViT
+from mixer_jax.models.layers import pair
+from mixer_jax.models.mlp_mixer import MlpMixer
+
+
+class Variant(NamedTuple):
+  module: type[nn.Module]
+  kwargs: dict[str, Any]
+  timm_name: str | None  # the timm architecture with the same parameters (None: timm registers none)
+
+
+def _mixer(width, depth, patch):
+  # D_S = C/2 and D_C = 4C for every published Mixer.
+  return dict(patch_size=patch, hidden_dim=width, num_blocks=depth, tokens_mlp_dim=width // 2,
+              channels_mlp_dim=4 * width)
+
+
+def _davit(dims, depths):
+  return dict(dims=dims, depths=depths, num_heads=tuple(d // 32 for d in dims))  # head_dim 32 everywhere
+
+
+VARIANTS: dict[str, Variant] = {
+    'mixer_s32': Variant(MlpMixer, _mixer(512, 8, 32), 'mixer_s32_224'),
+    'mixer_s16': Variant(MlpMixer, _mixer(512, 8, 16), 'mixer_s16_224'),
+    'mixer_s8': Variant(MlpMixer, _mixer(512, 8, 8), None),
+    'mixer_b32': Variant(MlpMixer, _mixer(768, 12, 32), 'mixer_b32_224'),
+    'mixer_b16': Variant(MlpMixer, _mixer(768, 12, 16), 'mixer_b16_224'),
+    'mixer_l32': Variant(MlpMixer, _mixer(1024, 24, 32), 'mixer_l32_224'),
+    'mixer_l16': Variant(MlpMixer, _mixer(1024, 24, 16), 'mixer_l16_224'),
+    'mixer_h14': Variant(MlpMixer, _mixer(1280, 32, 14), None),
+    'convmixer_1536_20': Variant(ConvMixer, dict(dim=1536, depth=20, kernel_size=9, patch_size=7),
+                                 'convmixer_1536_20'),
+    # The released 768/32 checkpoint was trained with ReLU (the official repo's GELU definition is wrong for it).
+    'convmixer_768_32': Variant(ConvMixer, dict(dim=768, depth=32, kernel_size=7, patch_size=7, act='relu'),
+                                'convmixer_768_32'),
+    'convmixer_1024_20_p14': Variant(ConvMixer, dict(dim=1024, depth=20, kernel_size=9, patch_size=14),
+                                     'convmixer_1024_20_ks9_p14'),
+    'convmixer_256_8': Variant(ConvMixer, dict(dim=256, depth=8, kernel_size=5, patch_size=2, image_size=32),
+                               None),
+    'davit_tiny': Variant(DaViT, _davit((96, 192, 384, 768), (1, 1, 3, 1)), 'davit_tiny'),
+    'davit_small': Variant(DaViT, _davit((96, 192, 384, 768), (1, 1, 9, 1)), 'davit_small'),
+    'davit_base': Variant(DaViT, _davit((128, 256, 512, 1024), (1, 1, 9, 1)), 'davit_base'),
+    'davit_large': Variant(DaViT, _davit((192, 384, 768, 1536), (1, 1, 9, 1)), 'davit_large'),
+    'davit_huge': Variant(DaViT, _davit((256, 512, 1024, 2048), (1, 1, 9, 1)), 'davit_huge'),
+    'davit_giant': Variant(DaViT, _davit((384, 768, 1536, 3072), (1, 1, 12, 3)), 'davit_giant'),
+}
+
+
+def names() -> list[str]:
+  return list(VARIANTS)
+
+
+def variant(name: str) -> Variant:
+  if name not in VARIANTS:
+    raise ValueError(f'unknown model {name!r}; known models: {", ".join(VARIANTS)}')
+  return VARIANTS[name]
+
+
+def family(name: str) -> str:
+  """'mixer', 'convmixer' or 'davit'."""
+  return {MlpMixer: 'mixer', ConvMixer: 'convmixer', DaViT: 'davit'}[variant(name).module]
+
+
+def options(name: str) -> list[str]:
+  """The fields `create` accepts as overrides for this model."""
+  fields = dataclasses.fields(variant(name).module)
+  return [f.name for f in fields if f.name not in ('parent', 'name', 'num_classes')]
+
+
+def create(name: str, *, num_classes: int | None, **overrides) -> nn.Module:
+  """Builds the registered variant `name` with a `num_classes` head (0 or None: no head)."""
+  v = variant(name)
+  unknown = sorted(set(overrides) - set(options(name)))
+  if unknown:
+    raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; options: {", ".join(options(name))}')
+  for key in ('dtype', 'param_dtype'):
+    if isinstance(overrides.get(key), str):
+      overrides[key] = jnp.dtype(overrides[key])
+  return v.module(num_classes=num_classes, **{**v.kwargs, **overrides})
+
+
+def input_shape(model: nn.Module, batch_size: int = 1) -> tuple[int, int, int, int]:
+  return (batch_size, *pair(model.image_size), 3)
+
+
+def init_boxed(model: nn.Module, rng: jax.Array, batch_size: int = 1):
+  """Variables with parameters still wrapped in `nn.LogicallyPartitioned` (their logical axis names)."""
+  return model.init(rng, jnp.zeros(input_shape(model, batch_size), model.dtype), train=False)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, batch_size: int = 1):
+  """Plain variables {'params': ..., ['batch_stats': ...]} at the model's `image_size`."""
+  return nn.meta.unbox(init_boxed(model, rng, batch_size))
+
+
+def abstract_variables(model: nn.Module):
+  """The variables' shapes and dtypes (`jax.ShapeDtypeStruct` leaves), without allocating or computing them."""
+  return nn.meta.unbox(jax.eval_shape(lambda rng: init_boxed(model, rng), jax.random.key(0)))
+
+
+def logical_axes(model: nn.Module):
+  """A tree like the variables holding each parameter's `PartitionSpec` of logical axis names.
+
+  Leaves without names (BatchNorm running statistics) get an empty spec, i.e. replicated.
+  """
+  return nn.get_partition_spec(jax.eval_shape(lambda rng: init_boxed(model, rng), jax.random.key(0)))
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

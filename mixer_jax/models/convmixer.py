@@ -1,0 +1,72 @@
+"""ConvMixer ("Patches Are All You Need?", Trockman & Kolter), as the official code and timm compute it.
+
+Order conv -> activation -> BatchNorm everywhere (the norm comes *after* the activation); the residual wraps only
+the depthwise half of a block; no final norm, no drop path. Exact GELU, except the released 768/32 checkpoint,
+which was trained with ReLU. BatchNorm: eps 1e-5, torch momentum 0.1, running statistics in the `batch_stats`
+collection (call with `train=True, mutable=['batch_stats']` to train). Initialisation is PyTorch's default,
+as in the reference (the head is not zero-initialised).
+
+Fully convolutional: any input size divisible by the patch size works with the same parameters.
+"""
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mixer_jax.models import layers
+
+
+class ConvMixerBlock(nn.Module):
+  kernel_size: int
+  act: str
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    dim = x.shape[-1]
+    act = layers.activation(self.act)
+    kw = dict(in_features=dim, dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = dict(train=train, param_dtype=self.param_dtype)
+    # 'SAME' pads k//2 on both sides for the odd kernels ConvMixer uses, like PyTorch's padding="same".
+    y = layers.conv(dim, (self.kernel_size,) * 2, padding='SAME', groups=dim, name='depthwise', **kw)(x)
+    x = x + layers.batch_norm(name='depthwise_norm', **bn)(act(y))
+    y = layers.conv(dim, (1, 1), name='pointwise', **kw)(x)
+    return layers.batch_norm(name='pointwise_norm', **bn)(act(y))
+
+
+class ConvMixer(nn.Module):
+  """`__call__(images, *, train)` -> (logits, out); images NHWC, ImageNet mean/std normalised."""
+  num_classes: int | None
+  dim: int
+  depth: int
+  kernel_size: int
+  patch_size: int
+  act: str = 'gelu'
+  image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    h, w = images.shape[1:3]
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'image size {h}x{w} is not divisible by the ConvMixer patch size {p}: '
+                       f'resize or crop to a multiple of {p}')
+    act = layers.activation(self.act)
+    out = {}
+    x = layers.conv(self.dim, (p, p), strides=(p, p), in_features=images.shape[-1], dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='stem')(images)
+    x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, name='stem_norm')(act(x))
+    for i in range(self.depth):
+      x = ConvMixerBlock(self.kernel_size, self.act, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=f'ConvMixerBlock_{i}')(x, train=train)
+      out[f'block_{i}'] = x
+    x = out['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if self.num_classes:
+      x = layers.dense(self.num_classes, ('embed', 'classes'), kernel_init=layers.torch_kernel_init,
+                       bias_init=layers.torch_bias_init(self.dim), dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='head')(x)
+    x = out['logits'] = x.astype(jnp.float32)
+    return x, out

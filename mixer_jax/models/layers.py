@@ -1,0 +1,141 @@
+"""Building blocks shared by several model families.
+
+Owns: parameter declaration with logical axis names (every parameter of every model is created through
+`dense`, `conv`, `layer_norm` or `batch_norm` here), activations by name, the two MLP-style blocks, stochastic
+depth, and the PyTorch-default initialisers the ConvMixer and DaViT references use. It must not know about any
+particular family.
+
+Logical axis names (mapped to mesh axes by the sharding rules in the config):
+  'embed'     model width of the residual stream (Mixer C, ConvMixer h, DaViT C_s)
+  'mlp'       hidden width of an MLP (Mixer D_C, DaViT 4C)
+  'tokens'    Mixer token axis S;     'token_mlp'  Mixer token-mixing hidden width D_S
+  'heads'     attention output width (q/k/v and heads, DaViT)
+  'classes'   classifier outputs
+  'conv_height', 'conv_width', 'conv_in'   spatial kernel axes and input channels of a convolution
+"""
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default Conv2d/Linear bias init, U(+-1/sqrt(fan_in)); flax bias inits never see fan_in."""
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+_ACTIVATIONS = {
+    'gelu': lambda x: nn.gelu(x, approximate=False),  # exact (erf) GELU: PyTorch nn.GELU, timm
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),  # Google's Mixer (flax nn.gelu default)
+    'relu': nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in _ACTIVATIONS:
+    raise ValueError(f'unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}')
+  return _ACTIVATIONS[name]
+
+
+def pair(size) -> tuple[int, int]:
+  """An int or an (h, w) sequence as (h, w)."""
+  if isinstance(size, int):
+    return size, size
+  h, w = size
+  return int(h), int(w)
+
+
+def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
+          kernel_init: Initializer = nn.linear.default_kernel_init, bias_init: Initializer = zeros,
+          name: str | None = None) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
+
+
+def conv(features: int, kernel_size: Sequence[int], *, in_features: int, out_axis: str = 'embed',
+         strides: Sequence[int] = (1, 1), padding: Any = 'VALID', groups: int = 1, dtype: Dtype,
+         param_dtype: Dtype, kernel_init: Initializer = torch_kernel_init, bias_init: Initializer | None = None,
+         name: str | None = None) -> nn.Conv:
+  """A 2-D NHWC convolution with a bias; the bias defaults to PyTorch's fan-in uniform init."""
+  if bias_init is None:
+    bias_init = torch_bias_init(in_features // groups * kernel_size[0] * kernel_size[1])
+  return nn.Conv(
+      features, tuple(kernel_size), strides=tuple(strides), padding=padding, feature_group_count=groups,
+      dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, ('conv_height', 'conv_width', 'conv_in', out_axis)),
+      bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)))
+
+
+def layer_norm(epsilon: float, *, param_dtype: Dtype, axis: str = 'embed', name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm computed in float32 whatever the compute dtype (statistics of bf16 activations are too coarse)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(ones, (axis,)),
+      bias_init=nn.with_logical_partitioning(zeros, (axis,)))
+
+
+def batch_norm(*, train: bool, param_dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+  """PyTorch BatchNorm2d semantics: eps 1e-5, running stats updated with torch momentum 0.1 (flax 0.9).
+
+  Under `jax.jit` with the batch axis sharded over a mesh, the statistics are those of the global batch.
+  """
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(zeros, ('embed',)))
+
+
+class MlpBlock(nn.Module):
+  """Dense -> activation -> Dense back to the input width, over the last axis.
+
+  Parameters are `Dense_0` and `Dense_1`, the names of Google's Mixer `MlpBlock`; the module serves Mixer's
+  token and channel mixing and DaViT's feed-forward layers.
+  """
+  mlp_dim: int
+  axes: tuple[str, str]  # logical names of (input/output width, hidden width)
+  act: str
+  dtype: Dtype
+  param_dtype: Dtype
+  kernel_init: Initializer = nn.linear.default_kernel_init
+  bias_init: Initializer = zeros
+
+  @nn.compact
+  def __call__(self, x):
+    outer, hidden = self.axes
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+              bias_init=self.bias_init)
+    y = dense(self.mlp_dim, (outer, hidden), **kw)(x)
+    y = activation(self.act)(y)
+    return dense(x.shape[-1], (hidden, outer), **kw)(y)
+
+
+def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scale_by_keep: bool) -> jax.Array:
+  """Stochastic depth on a residual branch: zero the whole branch for a random subset of examples.
+
+  `scale_by_keep=True` is timm's DropPath (the kept branches are scaled by 1/(1-rate), so the expectation is
+  unchanged); `False` is big_vision's Mixer convention (no rescale: the branch is damped by (1-rate) in
+  expectation during training and used as is at eval). Draws from the module's 'dropout' RNG stream.
+  """
+  if not train or rate == 0.0:
+    return x
+  dropped = jax.random.bernoulli(module.make_rng('dropout'), rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  mask = 1.0 - dropped.astype(x.dtype)
+  return x * mask / (1.0 - rate) if scale_by_keep else x * mask

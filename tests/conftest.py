@@ -1,0 +1,10 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported), the repo root on sys.path, no network."""
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # timm must never reach for the hub
+os.environ.setdefault('TFDS_DATA_DIR', '/nonexistent-tfds-data-dir')  # a test that forgets data_dir fails fast
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
