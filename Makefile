@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# 8 simulated CPU devices, so that sharding is exercised without accelerators.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
+# 8 simulated CPU devices, so that sharding is exercised without accelerators (see tests/conftest.py).
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
+	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 
 .PHONY: test venv
 

@@ -104,7 +104,7 @@ def init_boxed(model: nn.Module, rng: jax.Array, batch_size: int = 1):
 
 def init_variables(model: nn.Module, rng: jax.Array, batch_size: int = 1):
   """Plain variables {'params': ..., ['batch_stats': ...]} at the model's `image_size`."""
-  return nn.meta.unbox(init_boxed(model, rng, batch_size))
+  return nn.meta.unbox(jax.jit(lambda rng: init_boxed(model, rng, batch_size))(rng))
 
 
 def abstract_variables(model: nn.Module):

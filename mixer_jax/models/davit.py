@@ -43,6 +43,11 @@ def split_heads(qkv, num_heads: int):
   return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
 
 
+def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:
+  """The official per-attention-block schedule: entry 2b (spatial) and 2b+1 (channel) for the b-th pair."""
+  return np.linspace(0.0, rate, 2 * sum(depths)).tolist()
+
+
 class WindowAttention(nn.Module):
   """Multi-head self-attention inside non-overlapping window_size x window_size windows."""
   num_heads: int
@@ -138,7 +143,7 @@ class DaViT(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    rates = np.linspace(0.0, self.drop_path_rate, 2 * sum(self.depths)).tolist()
+    rates = drop_path_rates(self.depths, self.drop_path_rate)
     out = {}
     x = pad_bottom_right(images, STEM_STRIDE, STEM_STRIDE)
     x = layers.conv(self.dims[0], (7, 7), strides=(STEM_STRIDE,) * 2, padding=((3, 3), (3, 3)),

@@ -138,4 +138,6 @@ def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scal
     return x
   dropped = jax.random.bernoulli(module.make_rng('dropout'), rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   mask = 1.0 - dropped.astype(x.dtype)
-  return x * mask / (1.0 - rate) if scale_by_keep else x * mask
+  if scale_by_keep and rate < 1.0:
+    mask = mask / (1.0 - rate)
+  return x * mask

@@ -1,0 +1,196 @@
+"""Model registry, parameter counts, shapes, parameter trees and options (no full-size compile)."""
+import functools
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from mixer_jax import models
+from mixer_jax.models import davit, layers
+
+# Published parameter counts with a 1000-class head at 224 (models.md: vit_jax models_test.py, timm).
+PUBLISHED_PARAMS = {
+    'mixer_s32': 19_104_624, 'mixer_s16': 18_528_264, 'mixer_s8': 20_646_504, 'mixer_b32': 60_293_428,
+    'mixer_b16': 59_880_472, 'mixer_l32': 206_939_264, 'mixer_l16': 208_196_168, 'mixer_h14': 432_350_952,
+    'convmixer_1536_20': 51_625_960, 'convmixer_768_32': 21_110_248, 'convmixer_1024_20_p14': 24_383_464,
+    'davit_tiny': 28_360_168, 'davit_small': 49_745_896, 'davit_base': 87_954_408, 'davit_large': 196_811_752,
+    'davit_huge': 348_922_856, 'davit_giant': 1_406_470_120,
+}
+WIDTH = {'mixer_s': 512, 'mixer_b': 768, 'mixer_l': 1024, 'mixer_h': 1280, 'convmixer_1536': 1536,
+         'convmixer_768': 768, 'convmixer_1024': 1024, 'convmixer_256': 256, 'davit_tiny': 768,
+         'davit_small': 768, 'davit_base': 1024, 'davit_large': 1536, 'davit_huge': 2048, 'davit_giant': 3072}
+
+
+def test_every_variant_is_registered():
+  assert set(models.names()) == set(PUBLISHED_PARAMS) | {'convmixer_256_8'}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
+def test_parameter_count_matches_published(name):
+  variables = models.abstract_variables(models.create(name, num_classes=1000))
+  assert models.count_params(variables['params']) == PUBLISHED_PARAMS[name]
+
+
+def test_convmixer_cifar_parameter_count():
+  variables = models.abstract_variables(models.create('convmixer_256_8', num_classes=10))
+  assert models.count_params(variables['params']) == 594_186
+
+
+@pytest.mark.parametrize('name', models.names())
+def test_output_shapes(name):
+  model = models.create(name, num_classes=1000)
+  size = 32 if name == 'convmixer_256_8' else 224
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  logits, out = jax.eval_shape(lambda v, x: model.apply(v, x), models.abstract_variables(model), images)
+  width = next(w for prefix, w in WIDTH.items() if name.startswith(prefix))
+  assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+  assert out['pre_logits'].shape == (2, width) and out['pre_logits'].dtype == jnp.float32
+
+
+def test_mixer_b16_tree_is_googles_npz_layout():
+  """Every key and shape of gs://mixer_models/*/Mixer-B_16.npz (models.md 1.5), and nothing else."""
+  expected = {'stem/kernel': (16, 16, 3, 768), 'stem/bias': (768,), 'pre_head_layer_norm/scale': (768,),
+              'pre_head_layer_norm/bias': (768,), 'head/kernel': (768, 1000), 'head/bias': (1000,)}
+  for i in range(12):
+    b = f'MixerBlock_{i}'
+    for ln in ('LayerNorm_0', 'LayerNorm_1'):
+      expected[f'{b}/{ln}/scale'] = expected[f'{b}/{ln}/bias'] = (768,)
+    expected.update({f'{b}/token_mixing/Dense_0/kernel': (196, 384), f'{b}/token_mixing/Dense_0/bias': (384,),
+                     f'{b}/token_mixing/Dense_1/kernel': (384, 196), f'{b}/token_mixing/Dense_1/bias': (196,),
+                     f'{b}/channel_mixing/Dense_0/kernel': (768, 3072),
+                     f'{b}/channel_mixing/Dense_0/bias': (3072,),
+                     f'{b}/channel_mixing/Dense_1/kernel': (3072, 768),
+                     f'{b}/channel_mixing/Dense_1/bias': (768,)})
+  params = models.abstract_variables(models.create('mixer_b16', num_classes=1000))['params']
+  got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep='/').items()}
+  assert len(expected) == 150 and got == expected
+
+
+@pytest.mark.parametrize('name', ['mixer_b16', 'convmixer_768_32', 'davit_tiny'])
+def test_every_parameter_has_logical_axis_names(name):
+  model = models.create(name, num_classes=1000)
+  specs = traverse_util.flatten_dict(models.logical_axes(model)['params'])
+  shapes = traverse_util.flatten_dict(models.abstract_variables(model)['params'])
+  assert specs.keys() == shapes.keys()
+  for path, spec in specs.items():
+    assert len(spec) == len(shapes[path].shape) and all(isinstance(a, str) for a in spec), (path, spec)
+
+
+def test_unknown_model_lists_known_ones():
+  with pytest.raises(ValueError, match=r"unknown model 'mixer_x16'.*mixer_b16.*convmixer_768_32.*davit_tiny"):
+    models.create('mixer_x16', num_classes=10)
+
+
+def test_unknown_option_lists_options():
+  with pytest.raises(ValueError, match=r"davit_tiny has no option 'stoch_depth'; options: .*drop_path_rate"):
+    models.create('davit_tiny', num_classes=10, stoch_depth=0.1)
+
+
+def test_mixer_image_size_not_divisible_by_patch():
+  model = models.create('mixer_b16', num_classes=10, image_size=225)
+  with pytest.raises(ValueError, match=r'image size 225x225 is not divisible by the Mixer patch size 16'):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 225, 225, 3), jnp.float32))
+
+
+def test_mixer_other_resolution_than_built_for():
+  model = models.create('mixer_b16', num_classes=10)
+  variables = models.abstract_variables(model)
+  with pytest.raises(ValueError, match=r'built for 224x224 images \(196 tokens\) but got 448x448 \(784 tokens\)'):
+    jax.eval_shape(lambda v, x: model.apply(v, x), variables, jax.ShapeDtypeStruct((1, 448, 448, 3), jnp.float32))
+
+
+@functools.lru_cache
+def _init(name):
+  """Variables of `_tiny(name)`; options that create no parameters (dtype, drop rates) can share them."""
+  return models.init_variables(_tiny(name), jax.random.key(0))
+
+
+def _tiny(name, **overrides):
+  """Small members of each family, for tests that run real computations."""
+  kwargs = {
+      'mixer': dict(patch_size=4, hidden_dim=32, num_blocks=3, tokens_mlp_dim=16, channels_mlp_dim=64,
+                    image_size=16),
+      'convmixer': dict(dim=32, depth=2, kernel_size=3, patch_size=2, image_size=16),
+      'davit': dict(dims=(32, 64, 96, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), image_size=16),
+  }[models.family(name)]
+  return models.create(name, num_classes=5, **{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', 'davit_tiny'])
+def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
+  f32 = _tiny(name)
+  bf16 = _tiny(name, dtype='bfloat16')
+  variables = _init(name)
+  assert {x.dtype for x in jax.tree.leaves(models.abstract_variables(bf16))} == {np.dtype('float32')}
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  want, _ = jax.jit(f32.apply)(variables, images)
+  got, out = jax.jit(bf16.apply)(variables, images)
+  assert got.dtype == out['pre_logits'].dtype == jnp.float32
+  assert np.allclose(got, want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
+
+
+def test_davit_runs_at_sizes_that_are_not_window_or_stride_multiples():
+  model = _tiny('davit_tiny')
+  variables = _init('davit_tiny')
+  for h, w in [(16, 16), (23, 37), (9, 5)]:
+    logits, out = jax.jit(model.apply)(variables, jax.random.normal(jax.random.key(1), (2, h, w, 3)))
+    assert logits.shape == (2, 5) and np.isfinite(logits).all()
+    assert out['stage_0'].shape[1:3] == (-(-h // 4), -(-w // 4))
+
+
+def test_convmixer_batch_stats_follow_torch_momentum():
+  """Training moves the running statistics 10% of the way to the batch statistics (torch momentum 0.1, biased
+  variance as flax computes it); evaluation leaves them alone."""
+  model = _tiny('convmixer_256_8')
+  variables = _init('convmixer_256_8')
+  images = 3.0 + jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+  _, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  stem = variables['params']['stem']
+  y = jax.lax.conv_general_dilated(images, stem['kernel'], (2, 2), 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + stem['bias']
+  y = jax.nn.gelu(y, approximate=False)
+  stats = updated['batch_stats']['stem_norm']
+  np.testing.assert_allclose(stats['mean'], 0.1 * y.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * y.var(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+  _, unchanged = model.apply(variables, images, train=False, mutable=['batch_stats'])
+  assert jax.tree.all(jax.tree.map(np.array_equal, unchanged['batch_stats'], variables['batch_stats']))
+
+
+def test_drop_path_scaling_conventions():
+  x = jnp.ones((4000, 3))
+  module = layers.MlpBlock(4, ('embed', 'mlp'), 'relu', jnp.float32, jnp.float32)  # any module with an rng
+  for scale_by_keep, kept_value in ((False, 1.0), (True, 1.0 / 0.75)):
+    y = module.apply({}, x, method=lambda m, x: layers.drop_path(x, 0.25, train=True, module=m,
+                                                                 scale_by_keep=scale_by_keep),
+                     rngs={'dropout': jax.random.key(0)})
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, kept_value], rtol=1e-6)
+    assert abs(float((y[:, 0] == 0).mean()) - 0.25) < 0.03
+    assert np.all(y[:, :1] == y)  # one decision per example
+  assert layers.drop_path(x, 0.25, train=False, module=None, scale_by_keep=True) is x
+
+
+def test_mixer_stochastic_depth_schedule():
+  """big_vision: block i drops with p = i/(L-1) * stoch_depth: never the first, always the last at rate 1."""
+  model = _tiny('mixer_s32', stoch_depth=1.0)
+  variables = _init('mixer_s32')
+  images = jax.random.normal(jax.random.key(1), (6, 16, 16, 3))
+  _, train = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(2)}))(
+      variables, images)
+  _, det = jax.jit(model.apply)(variables, images)
+  np.testing.assert_array_equal(train['block_0'], det['block_0'])
+  np.testing.assert_array_equal(train['block_2'], train['block_1'])
+
+
+def test_davit_official_drop_path_schedule():
+  rates = davit.drop_path_rates((1, 1, 3, 1), 0.1)
+  assert len(rates) == 12 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+  assert rates[1] == pytest.approx(0.1 / 11)  # the channel block of the first pair already drops
+  model = _tiny('davit_tiny', drop_path_rate=0.5)
+  variables = _init('davit_tiny')
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={'dropout': key})[0])
+  a, b = train(variables, images, jax.random.key(2)), train(variables, images, jax.random.key(3))
+  c, d = jax.jit(model.apply)(variables, images)[0], jax.jit(model.apply)(variables, images)[0]
+  assert not np.allclose(a, b) and np.array_equal(c, d)
