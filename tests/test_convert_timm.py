@@ -17,10 +17,14 @@ CASES = [
     ('convmixer_256_8', TimmConvMixer, dict(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10), {}, 32),
     ('davit_tiny', 'davit_tiny', {}, {}, 250),  # 250: every stage pads (63 -> 70, 32 -> 35, 16 -> 21, 8 -> 14)
     ('davit_small', 'davit_small', {}, {}, 224),
+    # XLA's grouped convolution instead of the CPU default shift-and-add depthwise convolution
+    ('convmixer_256_8', TimmConvMixer, dict(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10),
+     dict(depthwise='conv'), 32),
+    ('davit_tiny', 'davit_tiny', {}, dict(depthwise='conv'), 250),
 ]
 
 
-@pytest.mark.parametrize('name,timm_arch,timm_kwargs,overrides,res', CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize('name,timm_arch,timm_kwargs,overrides,res', CASES, ids=[c[0] + ''.join(f'-{v}' for v in c[3].values()) for c in CASES])
 def test_logits_match_timm(name, timm_arch, timm_kwargs, overrides, res):
   timm_model = ref.create(timm_arch, calibration_size=res, **timm_kwargs)
   images = np.random.default_rng(1).standard_normal((2, res, res, 3)).astype(np.float32)

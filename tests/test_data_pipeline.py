@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import bench, data
 from mixer_jax.data import fashion_mnist, presets
+from fake_data import write_idx
 from test_data_ops import global_tf_seed
 
 # Random ops (crop, flip, RandAugment) in the stream, and the file name to identify examples.
@@ -173,12 +174,6 @@ def test_tfds_paths_with_mock_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ Fashion-MNIST
-
-
-def write_idx(path, array: np.ndarray):
-  header = bytes([0, 0, 8, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_builder_on_small_idx_files(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 from flax import traverse_util
 
 from mixer_jax import models
@@ -194,3 +195,20 @@ def test_davit_official_drop_path_schedule():
   a, b = train(variables, images, jax.random.key(2)), train(variables, images, jax.random.key(3))
   c, d = jax.jit(model.apply)(variables, images)[0], jax.jit(model.apply)(variables, images)[0]
   assert not np.allclose(a, b) and np.array_equal(c, d)
+
+
+@pytest.mark.parametrize('kernel_size', [3, 4, 7])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_depthwise_shift_and_add_equals_grouped_convolution(kernel_size, dtype):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 8))
+  conv = layers.DepthwiseConv(kernel_size, jnp.dtype(dtype), jnp.float32, impl='conv')
+  shift = layers.DepthwiseConv(kernel_size, jnp.dtype(dtype), jnp.float32, impl='shift')
+  variables = nn.meta.unbox(conv.init(jax.random.key(1), x))
+  want, got = conv.apply(variables, x), shift.apply(variables, x)
+  assert got.dtype == want.dtype == jnp.dtype(dtype)
+  tol = 1e-5 if dtype == 'float32' else 3e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+  # the parameters are those of flax's grouped nn.Conv, so either implementation loads the same checkpoints
+  reference = jax.eval_shape(lambda: nn.meta.unbox(nn.Conv(8, (kernel_size,) * 2, feature_group_count=8).init(
+      jax.random.key(1), x)))
+  assert jax.tree.map(lambda a: a.shape, reference) == jax.tree.map(lambda a: a.shape, variables)

@@ -10,7 +10,12 @@ Datasets are named as in `sources` (a tfds name, `fashion_mnist`, or `imagefolde
 slices, seeds, caching and padding are `pipeline`'s. The package yields host numpy arrays and never touches
 devices or the network.
 """
-from mixer_jax.data import ops, presets, sources
+import tensorflow as tf
+
+# The input pipeline runs on host CPUs: TensorFlow must never claim accelerator memory that JAX needs.
+tf.config.set_visible_devices([], 'GPU')
+
+from mixer_jax.data import ops, presets, sources  # noqa: E402
 from mixer_jax.data.pipeline import EvalIter, eval_iter, num_classes, num_examples, train_iter
 
 __all__ = ['EvalIter', 'eval_iter', 'num_classes', 'num_examples', 'ops', 'presets', 'sources', 'train_iter']

@@ -19,6 +19,7 @@ from mixer_jax.models import layers
 class ConvMixerBlock(nn.Module):
   kernel_size: int
   act: str
+  depthwise: str
   dtype: Any
   param_dtype: Any
 
@@ -28,8 +29,7 @@ class ConvMixerBlock(nn.Module):
     act = layers.activation(self.act)
     kw = dict(in_features=dim, dtype=self.dtype, param_dtype=self.param_dtype)
     bn = dict(train=train, param_dtype=self.param_dtype)
-    # 'SAME' pads k//2 on both sides for the odd kernels ConvMixer uses, like PyTorch's padding="same".
-    y = layers.conv(dim, (self.kernel_size,) * 2, padding='SAME', groups=dim, name='depthwise', **kw)(x)
+    y = layers.DepthwiseConv(self.kernel_size, self.dtype, self.param_dtype, self.depthwise, name='depthwise')(x)
     x = x + layers.batch_norm(name='depthwise_norm', **bn)(act(y))
     y = layers.conv(dim, (1, 1), name='pointwise', **kw)(x)
     return layers.batch_norm(name='pointwise_norm', **bn)(act(y))
@@ -43,6 +43,7 @@ class ConvMixer(nn.Module):
   kernel_size: int
   patch_size: int
   act: str = 'gelu'
+  depthwise: str = 'auto'  # depthwise convolution implementation, see layers.DepthwiseConv
   image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -60,7 +61,7 @@ class ConvMixer(nn.Module):
                     param_dtype=self.param_dtype, name='stem')(images)
     x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, name='stem_norm')(act(x))
     for i in range(self.depth):
-      x = ConvMixerBlock(self.kernel_size, self.act, dtype=self.dtype, param_dtype=self.param_dtype,
+      x = ConvMixerBlock(self.kernel_size, self.act, self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype,
                          name=f'ConvMixerBlock_{i}')(x, train=train)
       out[f'block_{i}'] = x
     x = out['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -101,13 +101,12 @@ class AttentionBlock(nn.Module):
   mlp_ratio: float
   drop_path: float
   act: str
+  depthwise: str
   dtype: Any
   param_dtype: Any
 
   def cpe(self, x, name):
-    c = x.shape[-1]
-    return x + layers.conv(c, (3, 3), padding=((1, 1), (1, 1)), groups=c, in_features=c, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name)(x)
+    return x + layers.DepthwiseConv(3, self.dtype, self.param_dtype, self.depthwise, name=name)(x)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -136,6 +135,7 @@ class DaViT(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   act: str = 'gelu'
+  depthwise: str = 'auto'  # CPE convolution implementation, see layers.DepthwiseConv
   image_size: Any = 224  # the default input size (for init and benchmarks); any size works
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -159,7 +159,7 @@ class DaViT(nn.Module):
         for t, attention in enumerate(('window', 'channel')):
           kind = 'spatial' if attention == 'window' else 'channel'
           x = AttentionBlock(attention, heads, self.window_size, self.mlp_ratio, rates[2 * pair_index + t],
-                             self.act, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train=train)
+                             self.act, self.depthwise, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train=train)
         pair_index += 1
       out[f'stage_{s}'] = x
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

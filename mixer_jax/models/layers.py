@@ -70,17 +70,52 @@ def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dt
 
 
 def conv(features: int, kernel_size: Sequence[int], *, in_features: int, out_axis: str = 'embed',
-         strides: Sequence[int] = (1, 1), padding: Any = 'VALID', groups: int = 1, dtype: Dtype,
+         strides: Sequence[int] = (1, 1), padding: Any = 'VALID', dtype: Dtype,
          param_dtype: Dtype, kernel_init: Initializer = torch_kernel_init, bias_init: Initializer | None = None,
          name: str | None = None) -> nn.Conv:
   """A 2-D NHWC convolution with a bias; the bias defaults to PyTorch's fan-in uniform init."""
   if bias_init is None:
-    bias_init = torch_bias_init(in_features // groups * kernel_size[0] * kernel_size[1])
+    bias_init = torch_bias_init(in_features * kernel_size[0] * kernel_size[1])
   return nn.Conv(
-      features, tuple(kernel_size), strides=tuple(strides), padding=padding, feature_group_count=groups,
-      dtype=dtype, param_dtype=param_dtype, name=name,
+      features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, ('conv_height', 'conv_width', 'conv_in', out_axis)),
       bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)))
+
+
+class DepthwiseConv(nn.Module):
+  """A k x k depthwise convolution, stride 1, 'SAME' padding (k//2 on each side for odd k, as PyTorch's
+  padding=k//2), with bias. Parameters are those of `nn.Conv(C, (k, k), feature_group_count=C)`.
+
+  `impl='shift'` computes it as k*k shifted multiply-adds, one fused elementwise loop (accumulated in float32):
+  on XLA:CPU this is 4-30x faster than the grouped convolution (forward and backward) with the same results.
+  `'conv'` is XLA's grouped convolution (cuDNN on GPU); `'auto'` picks 'shift' on CPU and 'conv' elsewhere.
+  """
+  kernel_size: int
+  dtype: Dtype
+  param_dtype: Dtype
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    c, k = x.shape[-1], self.kernel_size
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        torch_kernel_init, ('conv_height', 'conv_width', 'conv_in', 'embed')), (k, k, 1, c), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(torch_bias_init(k * k), ('embed',)), (c,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pads = ((k - 1) // 2, k // 2)
+    impl = self.impl if self.impl != 'auto' else ('shift' if jax.default_backend() == 'cpu' else 'conv')
+    if impl == 'conv':
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), (pads, pads), feature_group_count=c,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    elif impl == 'shift':
+      h, w = x.shape[1:3]
+      padded = jnp.pad(x, ((0, 0), pads, pads, (0, 0)))
+      y = sum(padded[:, i:i + h, j:j + w, :].astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+              for i in range(k) for j in range(k)).astype(x.dtype)
+    else:
+      raise ValueError(f"depthwise impl {self.impl!r} must be 'auto', 'shift' or 'conv'")
+    return y + bias
 
 
 def layer_norm(epsilon: float, *, param_dtype: Dtype, axis: str = 'embed', name: str | None = None) -> nn.LayerNorm:

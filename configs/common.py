@@ -1,0 +1,110 @@
+"""Defaults shared by every experiment, the `key=value,...` argument parser and duration resolution.
+
+Each recipe's `get_config(arg)` starts from `base_config()` and sets what it changes. The returned ConfigDict is
+locked by the command line, so any field can be overridden with `--config.field=value` and a misspelt field is
+an error. Fields that default to None are typed placeholders, so they can be overridden too.
+
+Durations (`total`, `warmup`, `log_every`, `eval_every`, `checkpoint_every`) may be given in steps, epochs or
+examples: exactly one of `<name>_steps`, `<name>_epochs`, `<name>_examples` is set (the trainer converts them).
+"""
+import ast
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+# Logical parameter axes (mixer_jax/models/layers.py) -> mesh axes ('data', 'fsdp', 'model'). A parameter
+# dimension is sharded over the mesh axes of its logical name when its size divides; otherwise it is
+# replicated. With mesh (-1, 1, 1) everything is replicated (pure data parallelism); a larger `fsdp` axis shards
+# parameters and optimizer state along 'embed'; a larger `model` axis splits MLP hidden units and heads.
+SHARDING_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('token_mlp', 'model'),
+    ('heads', 'model'),
+)
+
+DURATION_UNITS = ('steps', 'epochs', 'examples')
+
+
+def _durations(config: ConfigDict, name: str, **value):
+  """Adds the three typed placeholders of a duration; `value` sets one, e.g. steps=100."""
+  for unit in DURATION_UNITS:
+    kind = float if unit == 'epochs' else int
+    setattr(config, f'{name}_{unit}', value.get(unit, placeholder(kind)))
+
+
+def base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0
+
+  # Model: `name` is a mixer_jax.models name; every other field is passed to models.create as an option.
+  c.model = ConfigDict(dict(name='mixer_s32', dtype='float32'))
+  c.num_classes = 1000
+  c.init = ''  # a checkpoint to start from (fine-tuning); '' trains from scratch
+
+  # Training data. batch_size is global; each process reads batch_size / process_count examples.
+  c.input = ConfigDict(dict(
+      dataset='fashion_mnist', data_dir=placeholder(str), split='train', pp='', batch_size=256,
+      shuffle_buffer=50_000, cache=placeholder(str), prefetch=2))
+  # Evaluations by name; each reads every example of its split exactly once. Unset fields fall back to input's.
+  c.evals = ConfigDict()
+  _durations(c, 'total')
+  _durations(c, 'log_every', steps=50)
+  _durations(c, 'eval_every')
+  _durations(c, 'checkpoint_every', steps=1000)
+
+  # Loss and regularisation.
+  c.loss = 'softmax_xent'  # or 'sigmoid_xent' (big_vision's Mixer recipe)
+  c.label_smoothing = 0.0
+  c.init_head_bias = placeholder(float)  # e.g. -6.9 = log(1/1000) with sigmoid_xent
+  # timm semantics: with probability `prob`, mix the batch with its reverse; cutmix instead of mixup with
+  # probability `switch_prob` when both alphas are positive.
+  c.mixup = ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5))
+
+  # Optimizer (mixer_jax/optim.py): clip -> adam|sgd -> lr (x lr_mults) -> weight decay -> schedule.
+  c.optimizer = 'adam'
+  c.optimizer_kw = ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=placeholder(str)))
+  c.lr = 1e-3
+  c.schedule = ConfigDict(dict(type='cosine', warmup_init=0.0, end=0.0))
+  _durations(c.schedule, 'warmup', steps=0)
+  c.weight_decay = 0.0
+  c.weight_decay_style = 'adamw'  # or 'big_vision' (see optim.py)
+  c.wd_mask = ('.*/kernel$',)
+  c.grad_clip_norm = placeholder(float)
+  c.lr_mults = ()  # ((regex, multiplier), ...) on '/'-joined parameter names, first match wins
+  c.frozen = ()  # (regex, ...): parameters that are never updated (no optimizer state either)
+  c.accum_steps = 1  # micro-batches per step (memory only; BatchNorm statistics are per micro-batch)
+
+  # Parallelism: mesh axes ('data', 'fsdp', 'model'); -1 takes the remaining devices. dcn_shape splits the
+  # mesh across TPU slices (multi-slice jobs): the full mesh is shape x dcn_shape.
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1), dcn_shape=placeholder(tuple)))
+  c.sharding_rules = SHARDING_RULES
+
+  c.checkpoint = ConfigDict(dict(keep=2, keep_every_steps=placeholder(int), async_save=True))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """Parses 'key=value,key=value' into the typed `defaults`; an unknown key or a malformed pair is an error."""
+  parsed = ConfigDict(defaults)
+  for pair in filter(None, (arg or '').split(',')):
+    key, sep, text = pair.partition('=')
+    if not sep:
+      raise ValueError(f'config argument {pair!r} is not key=value (arguments: {", ".join(defaults)})')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; arguments: {", ".join(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={text!r} is not a boolean')
+      value = text.lower() in ('true', '1')
+    elif isinstance(default, (int, float)):
+      try:
+        value = type(default)(ast.literal_eval(text))
+      except (ValueError, SyntaxError):
+        raise ValueError(f'config argument {key}={text!r} is not a {type(default).__name__}') from None
+    else:
+      value = text
+    parsed[key] = value
+  return parsed

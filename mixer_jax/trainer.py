@@ -1,0 +1,361 @@
+"""Training: the train state, the jitted train and eval steps, and the loop, in the order things happen.
+
+The state is everything a run needs to continue (params, optimizer state, BatchNorm statistics, step, rng) and
+nothing else; the step's randomness is fold_in(rng, step) and the data stream a pure function of (seed, step),
+so a run resumed from a checkpoint ends with exactly the parameters of an uninterrupted one.
+
+Steps are `jax.jit` with explicit shardings over one ('data', 'fsdp', 'model') mesh and donated state. Metrics
+stay on device between log steps (no host sync per step); at a log step they are fetched, checked for non-finite
+values (the run stops naming the first bad step and quantity) and written.
+"""
+import functools
+import json
+import math
+import os
+import resource
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers, parameter_overview
+
+from mixer_jax import checkpoint, data, losses, mixup, models, optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied
+  params: Any
+  opt_state: Any
+  batch_stats: Any  # {} for models without BatchNorm
+  rng: jax.Array  # raw uint32 key; step t uses fold_in(rng, t)
+
+
+def resolve_steps(config, name: str, *, num_examples: int | None, batch_size: int,
+                  required: bool = True) -> int | None:
+  """The duration `name` in steps, from whichever of <name>_steps/_epochs/_examples is set."""
+  given = {unit: config.get(f'{name}_{unit}') for unit in ('steps', 'epochs', 'examples')}
+  given = {unit: value for unit, value in given.items() if value is not None}
+  if len(given) > 1 or (required and not given):
+    raise ValueError(f'set exactly one of {name}_steps, {name}_epochs, {name}_examples (got {given or "none"})')
+  if not given:
+    return None
+  (unit, value), = given.items()
+  if unit == 'steps':
+    return int(value)
+  if unit == 'epochs':
+    if num_examples is None:
+      raise ValueError(f'{name}_epochs needs the size of the training split; give {name}_steps instead')
+    value = value * num_examples
+  return max(1, math.ceil(value / batch_size))
+
+
+def build_model(config) -> nn.Module:
+  options = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  return models.create(config.model.name, num_classes=config.num_classes, **options)
+
+
+def _path_keys(path) -> tuple:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(model, tx, mesh, rules):
+  """(abstract TrainState, TrainState of NamedShardings): parameters by their logical axes and the rules,
+  optimizer-state leaves like the parameter they belong to, everything else replicated."""
+  abstract = models.abstract_variables(model)
+  param_sh = sharding.tree_shardings(models.logical_axes(model)['params'], abstract['params'], mesh, rules)
+  by_path = {_path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  opt_shapes = jax.eval_shape(tx.init, abstract['params'])
+  opt_sh = jax.tree_util.tree_map_with_path(
+      lambda p, x: by_path.get(_path_keys(p), sharding.replicated(mesh)) if x.ndim else sharding.replicated(mesh),
+      opt_shapes)
+  rep = sharding.replicated(mesh)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract['params'], opt_state=opt_shapes,
+                      batch_stats=abstract.get('batch_stats', {}), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                         batch_stats=jax.tree.map(lambda _: rep, shapes.batch_stats), rng=rep)
+  return shapes, shardings
+
+
+def init_state(model, tx, config, rng, shardings) -> TrainState:
+  """The initial state, created directly in its shardings (never whole on one device)."""
+  def init(rng):
+    init_rng, loop_rng = jax.random.split(rng)
+    variables = models.init_variables(model, init_rng)
+    params = variables['params']
+    if config.init_head_bias is not None:
+      params['head']['bias'] = jnp.full_like(params['head']['bias'], config.init_head_bias)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      batch_stats=variables.get('batch_stats', {}), rng=loop_rng)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def _forward(model, params, batch_stats, images, rng, train: bool):
+  """(logits, out, new batch_stats); batch_stats are updated only when training a BatchNorm model."""
+  variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+  if train and batch_stats:
+    (logits, out), updated = model.apply(variables, images, train=True, rngs={'dropout': rng},
+                                         mutable=['batch_stats'])
+    return logits, out, updated['batch_stats']
+  logits, out = model.apply(variables, images, train=train, rngs={'dropout': rng} if train else None)
+  return logits, out, batch_stats
+
+
+def make_train_step(model, tx, lr_fn, config, mesh, shardings):
+  loss_of = losses.loss_fn(config.loss)
+  accum = config.accum_steps
+  batch_sh = sharding.batch_sharding(mesh)
+  micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+  def loss_and_grads(params, batch_stats, images, labels, rng):
+    def compute(params):
+      logits, _, new_stats = _forward(model, params, batch_stats, images, rng, train=True)
+      return jnp.mean(loss_of(logits, labels)), (logits, new_stats)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(compute, has_aux=True)(params)
+    correct = jnp.sum(losses.topk_correct(logits, labels, 1))
+    return loss, correct, new_stats, grads
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    mix_rng, dropout_rng = jax.random.split(rng)
+    labels = losses.smooth_labels(batch['labels'], config.label_smoothing)
+    images, labels = mixup.mix(mix_rng, batch['image'], labels, **config.mixup.to_dict())
+    if accum == 1:
+      loss, correct, batch_stats, grads = loss_and_grads(state.params, state.batch_stats, images, labels,
+                                                         dropout_rng)
+    else:
+      # Micro-batch i takes examples i, i+accum, ...: each device keeps working on its own shard.
+      split = lambda x: jax.lax.with_sharding_constraint(
+          jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), micro_sh)
+
+      def micro_step(carry, inputs):
+        grad_sum, loss_sum, correct_sum, batch_stats = carry
+        i, micro_images, micro_labels = inputs
+        loss, correct, batch_stats, grads = loss_and_grads(
+            state.params, batch_stats, micro_images, micro_labels, jax.random.fold_in(dropout_rng, i))
+        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, correct_sum + correct, batch_stats), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, correct, batch_stats), _ = jax.lax.scan(
+          micro_step, (zeros, 0.0, 0.0, state.batch_stats), (jnp.arange(accum), split(images), split(labels)))
+      grads, loss = jax.tree.map(lambda g: g / accum, grads), loss / accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   lr=lr_fn(state.step), accuracy=correct / images.shape[0])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
+    return new_state, metrics
+
+  return jax.jit(step_fn, in_shardings=(shardings, {'image': batch_sh, 'labels': batch_sh}),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(model, config, mesh, shardings):
+  """Masked sums over one global batch: loss, top-1, top-5 and the number of counted examples.
+
+  As big_vision's classification evaluator, an example counts when it is real (mask) and has at least one
+  positive label, which excludes ImageNet-ReaL's unlabelled images and changes nothing for one-hot labels.
+  """
+  loss_of = losses.loss_fn(config.loss)
+
+  def eval_fn(params, batch_stats, batch):
+    logits, _, _ = _forward(model, params, batch_stats, batch['image'], None, train=False)
+    labels = batch['labels']
+    weight = batch['mask'].astype(jnp.float32) * (labels.max(axis=-1) > 0)
+    top5 = losses.topk_correct(logits, labels, min(5, labels.shape[-1]))
+    return dict(loss=jnp.sum(weight * loss_of(logits, labels)), top1=jnp.sum(weight * losses.topk_correct(
+        logits, labels, 1)), top5=jnp.sum(weight * top5), count=jnp.sum(weight))
+
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(eval_fn, in_shardings=(shardings.params, shardings.batch_stats,
+                                        {'image': batch_sh, 'labels': batch_sh, 'mask': batch_sh}),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step, state: TrainState, eval_iter, mesh) -> dict[str, float]:
+  """Top-1, top-5 and mean loss over every example of an eval stream (all processes take part)."""
+  totals = None
+  for batch in eval_iter:
+    batch = sharding.global_batch({k: batch[k] for k in ('image', 'labels', 'mask')}, mesh)
+    sums = eval_step(state.params, state.batch_stats, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return dict(top1=float(totals['top1']) / count, top5=float(totals['top5']) / count,
+              loss=float(totals['loss']) / count, count=int(totals['count']))
+
+
+def _first_non_finite(history: list[tuple[int, dict]]) -> str | None:
+  for step, metrics in history:
+    for name in ('loss', 'grad_norm', 'param_norm'):
+      if not math.isfinite(float(metrics[name])):
+        return f'{name} became {float(metrics[name])} at step {step}'
+  return None
+
+
+def _memory_report(compiled) -> str:
+  """What the compiled step needs per device, and the device's (or the host's, on CPU) peak memory."""
+  parts = []
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    gib = lambda b: f'{b / 2**30:.2f}'
+    parts.append(f'step arguments {gib(analysis.argument_size_in_bytes)} GiB, temporaries '
+                 f'{gib(analysis.temp_size_in_bytes)} GiB per device')
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    parts.append(f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
+  else:
+    parts.append(f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+  return '; '.join(parts)
+
+
+class _JsonlWriter:
+  """metrics.jsonl in the workdir: one JSON object per step written (process 0 only)."""
+
+  def __init__(self, path: str, enabled: bool):
+    self._file = open(path, 'a') if enabled else None
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if self._file:
+      self._file.write(json.dumps({'step': step, **metrics}) + '\n')
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
+  """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
+  # --- Logging -------------------------------------------------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+  jsonl = _JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), primary)
+  if primary:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # --- Mesh ----------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
+  num_devices = mesh.devices.size
+  sharding.check_batch_size(config.input.batch_size, mesh)
+  logging.info('mesh %s over %d devices (%s), %d process(es)', dict(mesh.shape), num_devices,
+               mesh.devices.flat[0].device_kind, jax.process_count())
+
+  # --- Input pipeline ------------------------------------------------------------------------------------
+  train_examples = data.num_examples(config.input.dataset, config.input.split, data_dir=config.input.data_dir)
+  batch_size = config.input.batch_size
+  durations = functools.partial(resolve_steps, config, num_examples=train_examples, batch_size=batch_size)
+  total_steps = durations('total')
+  log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
+  eval_every = durations('eval_every', required=False)
+  warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples,
+                                      batch_size=batch_size)
+
+  # --- Model, optimizer, state ---------------------------------------------------------------------------
+  model = build_model(config)
+  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
+                         warmup_steps=warmup_steps)
+  shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 keep_every_steps=config.checkpoint.keep_every_steps,
+                                 async_save=config.checkpoint.async_save)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(checkpoint.abstract_like(shapes, shardings))
+    logging.info('resumed from %s at step %d', ckpt.directory, int(state.step))
+  else:
+    state = init_state(model, tx, config, jax.random.PRNGKey(config.seed), shardings)
+  start_step = int(state.step)
+  if primary:
+    overview = parameter_overview.get_parameter_overview(jax.device_get(state.params), include_stats=False)
+    logging.info('parameters of %s:\n%s', config.model.name, overview)
+
+  train_iter = data.train_iter(
+      config.input.dataset, config.input.split, pp=config.input.pp, global_batch_size=batch_size,
+      seed=config.seed, start_step=start_step, data_dir=config.input.data_dir,
+      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch)
+
+  def eval_stream(name, cfg):
+    return data.eval_iter(cfg.get('dataset') or config.input.dataset, cfg.split, pp=cfg.pp,
+                          global_batch_size=cfg.get('batch_size') or batch_size,
+                          data_dir=cfg.get('data_dir') or config.input.data_dir)
+  if 'train' in config.evals:
+    raise ValueError("evals.train: the name 'train' is reserved for training metrics; call it e.g. 'train_eval'")
+  eval_iters = {name: eval_stream(name, cfg) for name, cfg in config.evals.items()}
+  for name, cfg in config.evals.items():
+    sharding.check_batch_size(cfg.get('batch_size') or batch_size, mesh, name=f'evals.{name}.batch_size')
+  eval_step = make_eval_step(model, config, mesh, shardings)
+  final_metrics = {}
+
+  def run_evals(step):
+    for name, stream in eval_iters.items():
+      t0 = time.time()
+      result = evaluate(eval_step, state, stream, mesh)
+      logging.info('eval %s at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples, %.1fs)', name, step,
+                   result['top1'], result['top5'], result['loss'], result['count'], time.time() - t0)
+      metrics = {f'{name}/{k}': v for k, v in result.items()}
+      writer.write_scalars(step, metrics)
+      jsonl.write(step, metrics)
+      final_metrics.update(metrics)
+
+  # --- Compile the train step ----------------------------------------------------------------------------
+  train_step = make_train_step(model, tx, lr_fn, config, mesh, shardings)
+  preempted = checkpoint.Preemption()
+  history, last_log = [], (start_step, time.time())
+  if start_step < total_steps:
+    first = sharding.global_batch(next(train_iter), mesh)
+    t0 = time.time()
+    compiled = train_step.lower(state, first).compile()
+    logging.info('compiled the train step in %.1fs; %s', time.time() - t0, _memory_report(compiled))
+    batches = ((step, first if step == start_step else sharding.global_batch(next(train_iter), mesh))
+               for step in range(start_step, total_steps))
+  else:
+    batches = iter(())
+
+  # --- Train loop ----------------------------------------------------------------------------------------
+  for step, batch in batches:
+    state, metrics = compiled(state, batch)
+    history.append((step + 1, metrics))
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      history = jax.device_get(history)
+      bad = _first_non_finite(history)
+      if bad:
+        raise FloatingPointError(f'training diverged: {bad}; lower lr, enable grad_clip_norm, or check the data')
+      elapsed = time.time() - last_log[1]
+      images_per_s = (done - last_log[0]) * batch_size / max(elapsed, 1e-9)
+      eta = (total_steps - done) * elapsed / max(done - last_log[0], 1)
+      scalars = {k: float(v) for k, v in history[-1][1].items()}
+      scalars.update(images_per_s=images_per_s, images_per_s_per_device=images_per_s / num_devices)
+      logging.info('step %d/%d loss %.4f acc %.3f lr %.3g | %.0f img/s, %.1f img/s/device | ETA %s', done,
+                   total_steps, scalars['loss'], scalars['accuracy'], scalars['lr'], images_per_s,
+                   images_per_s / num_devices, time.strftime('%H:%M:%S', time.gmtime(eta)))
+      writer.write_scalars(done, {f'train/{k}': v for k, v in scalars.items()})
+      jsonl.write(done, {f'train/{k}': v for k, v in scalars.items()})
+      final_metrics.update({f'train/{k}': v for k, v in scalars.items()})
+      history, last_log = [], (done, time.time())
+    stop = preempted(done)
+    if done % checkpoint_every == 0 or done == total_steps or stop:
+      ckpt.save(done, state)
+    if stop:
+      logging.info('preempted: saved step %d, exiting', done)
+      break
+    if eval_every and done % eval_every == 0 and done < total_steps:
+      run_evals(done)
+  else:
+    run_evals(int(state.step))
+
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  jsonl.close()
+  final_metrics['step'] = int(state.step)
+  final_metrics['preempted'] = int(state.step) < total_steps
+  return final_metrics

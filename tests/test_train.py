@@ -1,0 +1,212 @@
+"""The training loop on 8 simulated CPU devices: parallelism equivalence, exact resume, cross-mesh restore,
+gradient accumulation, learning, and one-line errors for bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import jax
+from flax import traverse_util
+
+import fake_data
+from configs import quickstart
+from mixer_jax import checkpoint, data, models, optim, sharding, trainer
+from mixer_jax.data import fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    'mixer': dict(name='mixer_s16', patch_size=7, hidden_dim=16, num_blocks=2, tokens_mlp_dim=8,
+                  channels_mlp_dim=32, image_size=28),
+    'convmixer': dict(name='convmixer_256_8', dim=16, depth=2, kernel_size=3, patch_size=4, image_size=28),
+}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """A prepared Fashion-MNIST-like dataset: 256 train / 64 test images with learnable labels."""
+  root = tmp_path_factory.mktemp('fmnist')
+  idx = fake_data.fashion_mnist_like(str(root / 'idx'), train=256, test=64)
+  directory = str(root / 'tfds')
+  previous = os.environ.get(fashion_mnist.IDX_DIR_ENV)
+  os.environ[fashion_mnist.IDX_DIR_ENV] = idx
+  try:
+    assert data.num_examples('fashion_mnist', 'train', data_dir=directory) == 256  # prepares it
+  finally:
+    os.environ.pop(fashion_mnist.IDX_DIR_ENV) if previous is None else os.environ.update(
+        {fashion_mnist.IDX_DIR_ENV: previous})
+  return directory
+
+
+def tiny_config(data_dir, family='mixer', **overrides):
+  c = quickstart.get_config()
+  c.model = dict(TINY[family], dtype='float32')
+  c.input.data_dir = data_dir
+  c.input.batch_size = 32
+  c.evals = {}
+  c.total_epochs = None
+  c.total_steps = 5
+  c.log_every_steps = 1
+  c.schedule.warmup_steps = 1
+  for key, value in overrides.items():  # 'a.b': value sets c.a.b
+    *parents, leaf = key.split('.')
+    target = c
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
+def batches(config, n):
+  it = data.train_iter(config.input.dataset, config.input.split, pp=config.input.pp, global_batch_size=32,
+                       seed=0, data_dir=config.input.data_dir)
+  return [next(it) for _ in range(n)]
+
+
+def run_steps(config, mesh_shape, devices, host_batches):
+  """(per-step losses, final state) of the real train step on a mesh."""
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  model = trainer.build_model(config)
+  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=10, warmup_steps=1)
+  _, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0), shardings)
+  step = trainer.make_train_step(model, tx, lr_fn, config, mesh, shardings)
+  losses = []
+  for batch in host_batches:
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    losses.append(metrics['loss'])
+  return np.asarray(jax.device_get(losses)), state
+
+
+def assert_trees_close(a, b, atol):
+  flat_a, flat_b = traverse_util.flatten_dict(jax.device_get(a)), traverse_util.flatten_dict(jax.device_get(b))
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_allclose(flat_a[key], flat_b[key], atol=atol, rtol=0, err_msg=str(key))
+
+
+@pytest.mark.parametrize('family,extra', [
+    # Randomness (stochastic depth, mixup) must not depend on the mesh. SGD: Mixer's token_mixing/Dense_1/bias
+    # has an exactly zero gradient (the next LayerNorm removes a per-token constant), and Adam would turn its
+    # rounding noise, which differs between meshes, into lr-sized steps.
+    ('mixer', {'model.stoch_depth': 0.1, 'mixup.mixup_alpha': 0.2, 'optimizer': 'sgd',
+               'optimizer_kw': {'momentum': 0.9}}),
+    ('convmixer', {}),  # Adam; BatchNorm statistics over the global batch
+])
+def test_same_run_on_every_mesh(data_dir, family, extra):
+  config = tiny_config(data_dir, family, **extra)
+  host_batches = batches(config, 5)
+  want_losses, want = run_steps(config, (1, 1, 1), jax.devices()[:1], host_batches)
+  for mesh_shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+    losses, state = run_steps(config, mesh_shape, jax.devices(), host_batches)
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+    assert_trees_close(state.params, want.params, 1e-5)
+    assert_trees_close(state.batch_stats, want.batch_stats, 1e-5)
+    if mesh_shape == (1, 8, 1):  # FSDP really shards the parameters and the optimizer state
+      kernel = state.params['head']['kernel']
+      assert kernel.sharding.spec[0] == 'fsdp' and kernel.addressable_shards[0].data.shape[0] == 2
+
+
+def test_gradient_accumulation_equals_a_larger_batch(data_dir):
+  config = tiny_config(data_dir, 'mixer')
+  host_batches = batches(config, 2)
+  want_losses, want = run_steps(config, (8, 1, 1), jax.devices(), host_batches)
+  config.accum_steps = 4
+  losses, state = run_steps(config, (8, 1, 1), jax.devices(), host_batches)
+  np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+  assert_trees_close(state.params, want.params, 1e-5)
+
+
+def test_tiny_model_learns_the_training_set(data_dir, tmp_path):
+  config = tiny_config(data_dir, 'mixer', total_steps=120, log_every_steps=40, lr=0.01)
+  config.evals = {'train_eval': dict(split='train', pp=config.input.pp.replace('flip_lr|', ''))}
+  metrics = trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices())
+  assert metrics['train_eval/top1'] >= 0.99 and metrics['train_eval/count'] == 256
+  logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [m['step'] for m in logged if 'train/loss' in m] == [40, 80, 120]
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+
+
+def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
+  config = tiny_config(data_dir, 'mixer')
+  model = trainer.build_model(config)
+  tx, _ = optim.make(config, models.abstract_variables(model)['params'], total_steps=10, warmup_steps=1)
+
+  def build(mesh_shape, devices):
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    return trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+
+  shapes, fsdp = build((1, 8, 1), jax.devices())
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(3), fsdp)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(7, state)
+  ckpt.wait()
+  for mesh_shape, devices in [((1, 1, 1), jax.devices()[:1]), ((4, 1, 2), jax.devices())]:
+    _, target = build(mesh_shape, devices)
+    restored = ckpt.restore(checkpoint.abstract_like(shapes, target))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(jax.device_get(a), jax.device_get(b)),
+                                     restored, state))
+    leaf = restored.params['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
+    assert leaf.sharding == target.params['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
+
+
+def _train_py(workdir, data_dir, steps, *args, **popen):
+  command = [sys.executable, 'train.py', f'--config=configs/quickstart.py:steps={steps}', f'--workdir={workdir}',
+             f'--config.input.data_dir={data_dir}', '--config.input.batch_size=32',
+             *[f'--config.model.{k}={v}' for k, v in TINY['mixer'].items() if k != 'name'],
+             '--config.log_every_steps=1', '--config.schedule.warmup_steps=10', *args]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0')
+  return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
+
+
+def _final_params(workdir, data_dir, steps):
+  config = tiny_config(data_dir, 'mixer', total_steps=steps)
+  model = trainer.build_model(config)
+  tx, _ = optim.make(config, models.abstract_variables(model)['params'], total_steps=steps, warmup_steps=10)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  shapes, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  ckpt = checkpoint.Checkpointer(workdir, keep=2)
+  assert ckpt.latest_step() == steps
+  return jax.device_get(ckpt.restore(checkpoint.abstract_like(shapes, shardings)))
+
+
+def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
+  steps = 200
+  straight = _train_py(tmp_path / 'straight', data_dir, steps,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  interrupted = tmp_path / 'interrupted'
+  run = _train_py(interrupted, data_dir, steps, stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT)
+  for line in run.stdout:
+    if f'step 5/{steps}' in line:
+      run.send_signal(signal.SIGTERM)
+      break
+  output = run.stdout.read()
+  assert run.wait(timeout=120) == 0 and 'stopped (preempted) at step' in output, output
+  stopped_at = checkpoint.Checkpointer(str(interrupted), keep=2).latest_step()
+  assert 5 <= stopped_at < steps
+  resumed = _train_py(interrupted, data_dir, steps, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT)
+  output = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0 and f'resumed from' in output and f'finished at step {steps}' in output, output
+  assert straight.wait(timeout=300) == 0
+  a, b = _final_params(str(tmp_path / 'straight'), data_dir, steps), _final_params(str(interrupted), data_dir, steps)
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))  # bitwise
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.nonexistent=1', "error: --config.nonexistent: the config has no field 'nonexistent'"),
+    ('--config.input.batch_size=abc', 'error: flag --config.input.batch_size=abc: invalid literal for int()'),
+    ('--config.mesh.shape=(3,1,1)', 'error: mesh shape (3, 1, 1) needs 3 devices but 2 are available'),
+    ('--config.input.batch_size=33', 'error: batch_size 33 is not divisible by the 2 data-parallel devices'),
+])
+def test_bad_config_fails_with_one_line(data_dir, tmp_path, override, message):
+  run = _train_py(tmp_path, data_dir, 2, override, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
+  stdout, stderr = run.communicate(timeout=120)
+  assert run.returncode == 1
+  errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith(message), stderr
+  assert 'Traceback' not in stderr
