@@ -108,3 +108,16 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
       value = text
     parsed[key] = value
   return parsed
+
+
+def imagenet_evals(eval_pp) -> dict:
+  """big_vision's ImageNet evaluations: held-out train (minival), val, ImageNet-v2 and ImageNet-ReaL.
+
+  `eval_pp(label_key)` gives the pp string reading that label key (ReaL's multi-hot labels are `real_label`).
+  """
+  return dict(
+      minival=dict(split='train[99%:]', pp=eval_pp('label')),
+      val=dict(split='validation', pp=eval_pp('label')),
+      v2=dict(dataset='imagenet_v2', split='test', pp=eval_pp('label')),
+      real=dict(dataset='imagenet2012_real', split='validation', pp=eval_pp('real_label')),
+  )

@@ -7,27 +7,31 @@ Hardware: any CPU (2 cores suffice); the data are Debian's `dataset-fashion-mnis
 """
 from configs import common
 
-# Small members of each family sized for 28x28 grayscale images (replicated to RGB).
+# Small members of each family sized for 28x28 grayscale images.
 MODELS = {
-    'mixer': dict(name='mixer_s16', patch_size=4, hidden_dim=64, num_blocks=4, tokens_mlp_dim=32,
+    # 7x7 patches: 16 tokens, and the stem loses nothing (49 pixels -> 128 channels). Channel MLP 2C rather than
+    # Mixer's 4C: half the FLOPs on a CPU for the same accuracy on this small dataset.
+    'mixer': dict(name='mixer_s16', patch_size=7, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64,
                   channels_mlp_dim=256, image_size=28),
-    'convmixer': dict(name='convmixer_256_8', dim=128, depth=4, kernel_size=5, patch_size=2, image_size=28),
+    'convmixer': dict(name='convmixer_256_8', dim=128, depth=4, kernel_size=5, patch_size=4, image_size=28),
     'davit': dict(name='davit_tiny', dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                   image_size=28),
 }
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, model='mixer', epochs=5.0, steps=0, batch_size=128, lr=2e-3)
+  a = common.parse_arg(arg, model='mixer', epochs=6.0, steps=0, batch_size=128, lr=3e-3)
   if a.model not in MODELS:
     raise ValueError(f'unknown quickstart model {a.model!r}; choose one of {", ".join(MODELS)}')
   c = common.base_config()
-  c.model = dict(MODELS[a.model], dtype='float32')
+  c.model = dict(MODELS[a.model], in_channels=1, dtype='float32')
   c.num_classes = 10
   c.input.dataset = 'fashion_mnist'
   c.input.batch_size = a.batch_size
-  c.input.pp = 'decode|grayscale_to_rgb|flip_lr|value_range(-1, 1)|onehot(10)|keep("image", "labels")'
-  c.evals.test = dict(split='test', pp='decode|grayscale_to_rgb|value_range(-1, 1)|onehot(10)|keep("image", "labels")')
+  pp = 'decode(channels=1)|value_range(-1, 1)|onehot(10)|keep("image", "labels")'
+  c.input.pp = pp
+  c.input.cache = 'decoded'  # the whole pp is deterministic: 60,000 x 28 x 28 float32 images, 190 MB of RAM
+  c.evals.test = dict(split='test', pp=pp)
   if a.steps:  # a short run, e.g. a smoke test
     c.total_steps = a.steps
   else:

@@ -212,3 +212,24 @@ def test_depthwise_shift_and_add_equals_grouped_convolution(kernel_size, dtype):
   reference = jax.eval_shape(lambda: nn.meta.unbox(nn.Conv(8, (kernel_size,) * 2, feature_group_count=8).init(
       jax.random.key(1), x)))
   assert jax.tree.map(lambda a: a.shape, reference) == jax.tree.map(lambda a: a.shape, variables)
+
+
+@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', 'davit_tiny'])
+def test_remat_changes_memory_not_results(name):
+  """Rematerialised blocks give the same parameter tree, logits and gradients (training mode, with BatchNorm
+  updates and drop path)."""
+  plain, remat = _tiny(name), _tiny(name, remat=True)
+  variables = _init(name)
+  assert jax.tree.structure(models.abstract_variables(remat)) == jax.tree.structure(variables)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+
+  def loss_and_grads(model):
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(2)})[0]
+      return jnp.sum(logits ** 2)
+    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+  (want, want_grads), (got, got_grads) = loss_and_grads(plain), loss_and_grads(remat)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_grads, want_grads)

@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(data_dir, family='mixer', **overrides):
   c = quickstart.get_config()
-  c.model = dict(TINY[family], dtype='float32')
+  c.model = dict(TINY[family], in_channels=1, dtype='float32')
   c.input.data_dir = data_dir
   c.input.batch_size = 32
   c.evals = {}

@@ -94,7 +94,7 @@ def create(name: str, *, num_classes: int | None, **overrides) -> nn.Module:
 
 
 def input_shape(model: nn.Module, batch_size: int = 1) -> tuple[int, int, int, int]:
-  return (batch_size, *pair(model.image_size), 3)
+  return (batch_size, *pair(model.image_size), model.in_channels)
 
 
 def init_boxed(model: nn.Module, rng: jax.Array, batch_size: int = 1):

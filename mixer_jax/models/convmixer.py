@@ -24,7 +24,7 @@ class ConvMixerBlock(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     dim = x.shape[-1]
     act = layers.activation(self.act)
     kw = dict(in_features=dim, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -44,12 +44,15 @@ class ConvMixer(nn.Module):
   patch_size: int
   act: str = 'gelu'
   depthwise: str = 'auto'  # depthwise convolution implementation, see layers.DepthwiseConv
+  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
   image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works
+  in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
+    layers.check_channels(images, self.in_channels, 'ConvMixer')
     h, w = images.shape[1:3]
     p = self.patch_size
     if h % p or w % p:
@@ -60,9 +63,10 @@ class ConvMixer(nn.Module):
     x = layers.conv(self.dim, (p, p), strides=(p, p), in_features=images.shape[-1], dtype=self.dtype,
                     param_dtype=self.param_dtype, name='stem')(images)
     x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, name='stem_norm')(act(x))
+    block = layers.maybe_remat(ConvMixerBlock, self.remat)
     for i in range(self.depth):
-      x = ConvMixerBlock(self.kernel_size, self.act, self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name=f'ConvMixerBlock_{i}')(x, train=train)
+      x = block(self.kernel_size, self.act, self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=f'ConvMixerBlock_{i}')(x, train)
       out[f'block_{i}'] = x
     x = out['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:

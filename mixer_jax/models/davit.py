@@ -109,7 +109,7 @@ class AttentionBlock(nn.Module):
     return x + layers.DepthwiseConv(3, self.dtype, self.param_dtype, self.depthwise, name=name)(x)
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = self.cpe(x, 'cpe1')
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='norm1')(x)
@@ -136,12 +136,15 @@ class DaViT(nn.Module):
   drop_path_rate: float = 0.0
   act: str = 'gelu'
   depthwise: str = 'auto'  # CPE convolution implementation, see layers.DepthwiseConv
+  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
   image_size: Any = 224  # the default input size (for init and benchmarks); any size works
+  in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
+    layers.check_channels(images, self.in_channels, 'DaViT')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rates = drop_path_rates(self.depths, self.drop_path_rate)
     out = {}
@@ -149,6 +152,7 @@ class DaViT(nn.Module):
     x = layers.conv(self.dims[0], (7, 7), strides=(STEM_STRIDE,) * 2, padding=((3, 3), (3, 3)),
                     in_features=images.shape[-1], name='stem', **kw)(x)
     x = out['stem'] = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='stem_norm')(x)
+    block = layers.maybe_remat(AttentionBlock, self.remat)
     pair_index = 0
     for s, (dim, depth, heads) in enumerate(zip(self.dims, self.depths, self.num_heads)):
       if s > 0:
@@ -158,8 +162,8 @@ class DaViT(nn.Module):
       for j in range(depth):
         for t, attention in enumerate(('window', 'channel')):
           kind = 'spatial' if attention == 'window' else 'channel'
-          x = AttentionBlock(attention, heads, self.window_size, self.mlp_ratio, rates[2 * pair_index + t],
-                             self.act, self.depthwise, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train=train)
+          x = block(attention, heads, self.window_size, self.mlp_ratio, rates[2 * pair_index + t], self.act,
+                    self.depthwise, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train)
         pair_index += 1
       out[f'stage_{s}'] = x
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -60,6 +60,12 @@ def pair(size) -> tuple[int, int]:
   return int(h), int(w)
 
 
+def check_channels(images, expected: int, model: str) -> None:
+  if images.shape[-1] != expected:
+    raise ValueError(f'{model} was built for {expected}-channel images but got {images.shape[-1]} channels '
+                     f'(shape {images.shape}): set in_channels={images.shape[-1]} or convert the images')
+
+
 def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
           kernel_init: Initializer = nn.linear.default_kernel_init, bias_init: Initializer = zeros,
           name: str | None = None) -> nn.Dense:
@@ -160,6 +166,13 @@ class MlpBlock(nn.Module):
     y = dense(self.mlp_dim, (outer, hidden), **kw)(x)
     y = activation(self.act)(y)
     return dense(x.shape[-1], (hidden, outer), **kw)(y)
+
+
+def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """The block class, rematerialised when `remat`: its activations are recomputed in the backward pass
+  instead of stored (less memory, about a third more compute). Parameters keep their names. Blocks take
+  `(x, train)` positionally; `train` is static (argument 2, counting self)."""
+  return nn.remat(block, static_argnums=(2,)) if remat else block
 
 
 def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scale_by_keep: bool) -> jax.Array:

@@ -30,7 +30,7 @@ class MixerBlock(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     mlp = dict(act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
     y = jnp.swapaxes(y, 1, 2)  # (B, C, S): the token MLP mixes along the token axis
@@ -51,8 +51,10 @@ class MlpMixer(nn.Module):
   tokens_mlp_dim: int
   channels_mlp_dim: int
   image_size: Any = 224
+  in_channels: int = 3
   act: str = 'gelu_tanh'
   stoch_depth: float = 0.0
+  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -71,6 +73,7 @@ class MlpMixer(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
+    layers.check_channels(images, self.in_channels, 'MlpMixer')
     self._check_input(images)
     out = {}
     x = layers.conv(self.hidden_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
@@ -79,10 +82,11 @@ class MlpMixer(nn.Module):
     out['stem'] = x
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major over the patch grid
     out['input_tokens'] = x
+    block = layers.maybe_remat(MixerBlock, self.remat)
     for i in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.act,
-                     drop_p=i / max(self.num_blocks - 1, 1) * self.stoch_depth,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name=f'MixerBlock_{i}')(x, train=train)
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.act,
+                drop_p=i / max(self.num_blocks - 1, 1) * self.stoch_depth,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f'MixerBlock_{i}')(x, train)
       out[f'block_{i}'] = x
     x = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='pre_head_layer_norm')(x)
     x = out['pre_logits'] = jnp.mean(x, axis=1)
