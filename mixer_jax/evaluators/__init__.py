@@ -1,0 +1,1 @@
+"""Evaluators run on a trained model: `fewshot` (big_vision's closed-form ridge-regression linear probe)."""
