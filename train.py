@@ -6,7 +6,6 @@
 Everything goes to --workdir: checkpoints (resumed automatically), metrics.jsonl, TensorBoard events and
 config.json. A bad config or input fails with one line saying what is wrong (--traceback shows the stack).
 """
-import logging as pylogging
 import os
 import sys
 
@@ -20,16 +19,6 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and Ten
 flags.DEFINE_bool('traceback', False, 'Show the full stack of an error instead of one line.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
-
-# Libraries that log every file they touch at INFO; their warnings still show.
-_QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/jax/_src/xla_bridge.py')
-
-
-class _QuietLibraries(pylogging.Filter):
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(p in record.pathname for p in _QUIET)
-
 
 def parse_flags(argv):
   """absl flag parsing, with config mistakes reported on one line instead of a stack."""
@@ -54,14 +43,9 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  from mixer_jax import trainer  # after flag parsing: --help stays fast
-  try:
-    metrics = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as error:
-    if FLAGS.traceback:
-      raise
-    sys.exit(f'error: {error}')
+  from mixer_jax import cli, trainer  # after flag parsing: --help stays fast
+  cli.quiet_library_logs(logging.get_absl_handler())
+  metrics = cli.run(lambda: trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir), traceback=FLAGS.traceback)
   results = ', '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items()) if k.endswith(('/top1', '/loss'))
                       and not k.startswith('train/'))
   state = 'stopped (preempted) at' if metrics['preempted'] else 'finished at'

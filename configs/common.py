@@ -41,7 +41,11 @@ def base_config() -> ConfigDict:
   # Model: `name` is a mixer_jax.models name; every other field is passed to models.create as an option.
   c.model = ConfigDict(dict(name='mixer_s32', dtype='float32'))
   c.num_classes = 1000
-  c.init = ''  # a checkpoint to start from (fine-tuning); '' trains from scratch
+  # A checkpoint to fine-tune from ('' trains from scratch): Google .npz, timm .safetensors/.pth, or an orbax
+  # workdir. A head with another number of classes starts at zero. A Mixer at another resolution gets the
+  # paper's token-mixing expansion: 'blocks' (K x K parts), 'strided' (sub-grids), or the non-paper 'interpolate'.
+  c.init = ''
+  c.init_resize = 'blocks'
 
   # Training data. batch_size is global; each process reads batch_size / process_count examples.
   c.input = ConfigDict(dict(

@@ -1,7 +1,9 @@
 """Fine-tuning any model on a dataset preset: vit_jax's fine-tuning recipe (configs/common.py + DATASET_PRESETS).
 
-Command:  python train.py --config=configs/finetune.py:model=mixer_b16,dataset=cifar10 --workdir=WORKDIR \
-              --config.input.data_dir=TFDS_DIR
+Command:  python train.py --config=configs/finetune.py:model=mixer_b16,dataset=cifar10,init=Mixer-B_16.npz \
+              --workdir=WORKDIR --config.input.data_dir=TFDS_DIR
+          ...:model=mixer_b16,res=448,init=Mixer-B_16.npz   (the paper's block-diagonal token-MLP expansion;
+              resize=strided for sub-grid groups, resize=interpolate for a non-paper resampling)
           ...:model=davit_tiny,dataset=oxford_iiit_pet,res=384
           ...:model=convmixer_768_32,dataset=imagefolder:/data/my_photos   (root/{train,test}/<class>/*.jpg)
 Hardware: vit_jax's numbers come from 8 V100s (batch 512); on fewer or smaller devices keep batch 512 with
@@ -9,6 +11,8 @@ Hardware: vit_jax's numbers come from 8 V100s (batch 512); on fewer or smaller d
 Expected: Mixer-B/16 pre-trained on ImageNet-21k reaches 96.82% on CIFAR-10 at 224 (vit_jax README, 10k steps);
           L/16 98.34%. Short runs cost accuracy: CIFAR-100 at 500 steps gives ~77% instead of ~90%.
 
+`init=` takes a Google .npz, a timm .safetensors/.pth or an orbax workdir; the head starts at zero when the
+number of classes differs (vit_jax), and the log says what was loaded, re-initialised and left out.
 Recipe: SGD with momentum 0.9 (bfloat16 accumulator), lr 0.03, cosine after 500 warmup steps (100 for the small
 presets), global-norm clip 1, batch 512, no weight decay, mixup or label smoothing, softmax cross-entropy.
 Train: inception crop (5-100% of the area) at `res`, flip; eval: resize to `res` (vit_jax: no centre crop).
@@ -40,7 +44,8 @@ def preset(dataset: str, data_dir=None):
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, model='mixer_b16', dataset='cifar10', res=224, batch_size=512, steps=0, lr=0.0)
+  a = common.parse_arg(arg, model='mixer_b16', dataset='cifar10', res=224, batch_size=512, steps=0, lr=0.0,
+                       init='', resize='blocks')
   classes, train_split, minival_split, test_split, steps, warmup, lr = preset(a.dataset)
   values = 'value_range(-1, 1)' if models.family(a.model) == 'mixer' else _NORMALIZE
   labels = f'onehot({classes}, key="label", key_result="labels")|keep("image", "labels")'
@@ -48,6 +53,8 @@ def get_config(arg=None):
 
   c = common.base_config()
   c.model = dict(name=a.model, image_size=a.res, dtype='bfloat16')
+  c.init = a.init
+  c.init_resize = a.resize
   c.num_classes = classes
   c.input.dataset = a.dataset
   c.input.split = train_split

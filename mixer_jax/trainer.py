@@ -26,6 +26,8 @@ import optax
 from clu import metric_writers, parameter_overview
 
 from mixer_jax import checkpoint, data, losses, mixup, models, optim, sharding
+from mixer_jax.convert import transfer
+from mixer_jax.evaluators import classification, fewshot
 
 
 @flax.struct.dataclass
@@ -56,9 +58,12 @@ def resolve_steps(config, name: str, *, num_examples: int | None, batch_size: in
   return max(1, math.ceil(value / batch_size))
 
 
-def build_model(config) -> nn.Module:
-  options = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  return models.create(config.model.name, num_classes=config.num_classes, **options)
+def model_options(config) -> dict:
+  return {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+
+
+def build_model(config, **overrides) -> nn.Module:
+  return models.create(config.model.name, num_classes=config.num_classes, **{**model_options(config), **overrides})
 
 
 def _path_keys(path) -> tuple:
@@ -156,41 +161,6 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(model, config, mesh, shardings):
-  """Masked sums over one global batch: loss, top-1, top-5 and the number of counted examples.
-
-  As big_vision's classification evaluator, an example counts when it is real (mask) and has at least one
-  positive label, which excludes ImageNet-ReaL's unlabelled images and changes nothing for one-hot labels.
-  """
-  loss_of = losses.loss_fn(config.loss)
-
-  def eval_fn(params, batch_stats, batch):
-    logits, _, _ = _forward(model, params, batch_stats, batch['image'], None, train=False)
-    labels = batch['labels']
-    weight = batch['mask'].astype(jnp.float32) * (labels.max(axis=-1) > 0)
-    top5 = losses.topk_correct(logits, labels, min(5, labels.shape[-1]))
-    return dict(loss=jnp.sum(weight * loss_of(logits, labels)), top1=jnp.sum(weight * losses.topk_correct(
-        logits, labels, 1)), top5=jnp.sum(weight * top5), count=jnp.sum(weight))
-
-  batch_sh = sharding.batch_sharding(mesh)
-  return jax.jit(eval_fn, in_shardings=(shardings.params, shardings.batch_stats,
-                                        {'image': batch_sh, 'labels': batch_sh, 'mask': batch_sh}),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_step, state: TrainState, eval_iter, mesh) -> dict[str, float]:
-  """Top-1, top-5 and mean loss over every example of an eval stream (all processes take part)."""
-  totals = None
-  for batch in eval_iter:
-    batch = sharding.global_batch({k: batch[k] for k in ('image', 'labels', 'mask')}, mesh)
-    sums = eval_step(state.params, state.batch_stats, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return dict(top1=float(totals['top1']) / count, top5=float(totals['top5']) / count,
-              loss=float(totals['loss']) / count, count=int(totals['count']))
-
-
 def _first_non_finite(history: list[tuple[int, dict]]) -> str | None:
   for step, metrics in history:
     for name in ('loss', 'grad_norm', 'param_norm'):
@@ -260,7 +230,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
                                       batch_size=batch_size)
 
   # --- Model, optimizer, state ---------------------------------------------------------------------------
-  model = build_model(config)
+  pretrained, overrides = None, {}
+  if config.init:  # read even when resuming: it can fix the fine-tuned model's shape (a Mixer's token MLP)
+    pretrained, overrides, notes = transfer.pretrained(
+        config.init, config.model.name, model_options(config), image_size=config.model.image_size,
+        resize_method=config.init_resize)
+    for note in notes:
+      logging.info('init: %s', note)
+  model = build_model(config, **overrides)
   tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
                          warmup_steps=warmup_steps)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
@@ -272,6 +249,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     logging.info('resumed from %s at step %d', ckpt.directory, int(state.step))
   else:
     state = init_state(model, tx, config, jax.random.PRNGKey(config.seed), shardings)
+    if pretrained is not None:
+      fresh = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+      variables, report = transfer.merge(pretrained, fresh)
+      logging.info('init from %s: %s', config.init, report)
+      state = state.replace(params=jax.device_put(variables['params'], shardings.params),
+                            batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)
   if primary:
     overview = parameter_overview.get_parameter_overview(jax.device_get(state.params), include_stats=False)
@@ -282,24 +265,40 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       seed=config.seed, start_step=start_step, data_dir=config.input.data_dir,
       shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch)
 
-  def eval_stream(name, cfg):
-    return data.eval_iter(cfg.get('dataset') or config.input.dataset, cfg.split, pp=cfg.pp,
-                          global_batch_size=cfg.get('batch_size') or batch_size,
-                          data_dir=cfg.get('data_dir') or config.input.data_dir)
+  # Evaluations: 'classification' (default) reads every example of a split once; 'fewshot' is big_vision's linear
+  # probe on pre_logits (its fields: evaluators/fewshot.py).
   if 'train' in config.evals:
     raise ValueError("evals.train: the name 'train' is reserved for training metrics; call it e.g. 'train_eval'")
-  eval_iters = {name: eval_stream(name, cfg) for name, cfg in config.evals.items()}
+  classification_evals, fewshot_evals = {}, {}
   for name, cfg in config.evals.items():
-    sharding.check_batch_size(cfg.get('batch_size') or batch_size, mesh, name=f'evals.{name}.batch_size')
-  eval_step = make_eval_step(model, config, mesh, shardings)
+    kind = cfg.get('type', 'classification')
+    if kind == 'fewshot':
+      fewshot_evals[name] = {k: v for k, v in cfg.items() if k != 'type'}
+    elif kind == 'classification':
+      eval_batch = cfg.get('batch_size') or batch_size
+      sharding.check_batch_size(eval_batch, mesh, name=f'evals.{name}.batch_size')
+      classification_evals[name] = data.eval_iter(
+          cfg.get('dataset') or config.input.dataset, cfg.split, pp=cfg.pp, global_batch_size=eval_batch,
+          data_dir=cfg.get('data_dir') or config.input.data_dir)
+    else:
+      raise ValueError(f"evals.{name}.type {kind!r} must be 'classification' or 'fewshot'")
+  forward = lambda v, x: _forward(model, v['params'], v['batch_stats'], x, None, train=False)[:2]
+  eval_step = classification.make_step(lambda v, x: forward(v, x)[0], config.loss, mesh,
+                                       {'params': shardings.params, 'batch_stats': shardings.batch_stats})
   final_metrics = {}
 
   def run_evals(step):
-    for name, stream in eval_iters.items():
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    for name in config.evals:
       t0 = time.time()
-      result = evaluate(eval_step, state, stream, mesh)
-      logging.info('eval %s at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples, %.1fs)', name, step,
-                   result['top1'], result['top5'], result['loss'], result['count'], time.time() - t0)
+      if name in fewshot_evals:
+        result = fewshot.evaluate(forward, variables, mesh, fewshot_evals[name])
+        logging.info('eval %s at step %d: %s (%.1fs)', name, step,
+                     ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('a/')), time.time() - t0)
+      else:
+        result = classification.evaluate(eval_step, variables, classification_evals[name], mesh)
+        logging.info('eval %s at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples, %.1fs)', name, step,
+                     result['top1'], result['top5'], result['loss'], result['count'], time.time() - t0)
       metrics = {f'{name}/{k}': v for k, v in result.items()}
       writer.write_scalars(step, metrics)
       jsonl.write(step, metrics)

@@ -1,4 +1,5 @@
-"""timm / PyTorch state dicts <-> mixer_jax variables, for all three families.
+"""timm / PyTorch state dicts <-> mixer_jax variables, for all three families (and the official ConvMixer and
+DaViT key layouts, mapped to timm's first by `timm_layout`).
 
 A flax variable path maps to a timm key by a per-family list of regex rewrites of its module path (applied in
 order, like timm's own `checkpoint_filter_fn`), plus the leaf name (kernel/scale -> weight, mean/var ->
@@ -10,6 +11,7 @@ timm's Mixer weights were trained with the exact GELU: build the model with `act
 PyTorch's BatchNorm `num_batches_tracked` counter has no flax counterpart (it only matters for cumulative-average
 BatchNorm, which ConvMixer does not use): it is ignored on the way in and exported as 0.
 """
+import math
 import re
 from typing import Any, Mapping
 
@@ -18,6 +20,7 @@ import jax
 from flax import traverse_util
 
 from mixer_jax import models
+from mixer_jax.convert import fit
 
 _RULES = {
     'mixer': [
@@ -83,51 +86,71 @@ def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   return _to_torch_layout(np.empty(shape, np.bool_), leaf).shape
 
 
-def to_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (without importing torch) or an array-like as numpy; bfloat16 tensors become float32."""
-  if hasattr(value, 'detach'):
-    value = value.detach().cpu()
-    if str(value.dtype) == 'torch.bfloat16':  # numpy has no bfloat16
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
+def checkpoint_options(family: str, state_dict: Mapping[str, Any]) -> dict:
+  """Model options the weights themselves fix: the head's classes (0: no head) and a Mixer's token MLP width
+  and square grid of tokens (as image_size, given the patch size of the stem)."""
+  head = 'head.fc.bias' if family == 'davit' else 'head.bias'
+  options = {'num_classes': int(np.shape(state_dict[head])[0]) if head in state_dict else 0}
+  if family == 'mixer' and 'blocks.0.mlp_tokens.fc1.weight' in state_dict:
+    options['tokens_mlp_dim'], tokens = np.shape(state_dict['blocks.0.mlp_tokens.fc1.weight'])
+    options['image_size'] = math.isqrt(tokens) * np.shape(state_dict['stem.proj.weight'])[-1]
+  return options
 
 
-def _head_classes(family: str, state_dict: Mapping[str, Any]) -> int:
-  key = 'head.fc.bias' if family == 'davit' else 'head.bias'
-  return int(np.shape(state_dict[key])[0]) if key in state_dict else 0
+# The official dingmyu/davit key names -> timm's (the rules of timm's davit checkpoint_filter_fn, in order).
+_OFFICIAL_DAVIT = [
+    (r'patch_embeds\.(\d+)', r'stages.\1.downsample'),
+    (r'main_blocks\.(\d+)', r'stages.\1.blocks'),
+    (r'downsample\.proj', 'downsample.conv'),
+    (r'stages\.0\.downsample', 'stem'),
+    (r'^head\.', 'head.fc.'),
+    (r'^norms\.', 'head.norm.'),
+    (r'cpe\.0', 'cpe1'),
+    (r'cpe\.1', 'cpe2'),
+]
+
+
+def _official_convmixer_key(key: str, depth: int) -> str:
+  """The official bare nn.Sequential: 0 stem conv, 2 stem BN, 3..depth+2 blocks, depth+5 the head."""
+  index, _, rest = key.partition('.')
+  index = int(index)
+  if index in (0, 2):
+    return f'stem.{index}.{rest}'
+  if index == depth + 5:
+    return f'head.{rest}'
+  return f'blocks.{index - 3}.{rest}'
+
+
+def timm_layout(family: str, state_dict: Mapping[str, Any]) -> dict:
+  """timm keys from the official ConvMixer (locuslab v1.0 release) or DaViT (dingmyu/davit) key layouts; timm
+  state dicts pass through. Layouts are detected by their keys, never assumed."""
+  if family == 'convmixer' and '0.weight' in state_dict and 'stem.0.weight' not in state_dict:
+    depth = max(int(k.partition('.')[0]) for k in state_dict) - 5
+    return {_official_convmixer_key(k, depth): v for k, v in state_dict.items()}
+  if family == 'davit' and any(k.startswith('patch_embeds.') for k in state_dict):
+    out = {}
+    for key, value in state_dict.items():
+      for pattern, replacement in _OFFICIAL_DAVIT:
+        key = re.sub(pattern, replacement, key)
+      out[key] = value
+    return out
+  return dict(state_dict)
 
 
 def from_timm(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
   """timm state dict (numpy arrays or torch tensors) -> variables {'params': ..., ['batch_stats': ...]}.
 
-  `overrides` are model options (`image_size`, `num_classes`, ...) of the model the weights must fit; the
-  number of classes defaults to the state dict's head. Raises one ValueError listing every missing,
-  unexpected and mis-shaped key.
+  `overrides` are options of the model the weights must fit (`image_size`, `num_classes`, ...); by default the
+  number of classes is the state dict's head and a Mixer's image size its token grid. Raises one ValueError
+  listing every missing, unexpected and mis-shaped key.
   """
   family = models.family(name)
-  num_classes = overrides.pop('num_classes', _head_classes(family, state_dict))
-  model = models.create(name, num_classes=num_classes, **overrides)
-  expected = traverse_util.flatten_dict(models.abstract_variables(model))
-  flat, missing, misshaped, used = {}, [], [], set()
-  for path, target in expected.items():
-    key = timm_key(family, path)
-    if key not in state_dict:
-      missing.append(key)
-      continue
-    used.add(key)
-    value = _to_flax_layout(to_numpy(state_dict[key]), path[-1])
-    if value.shape != target.shape:
-      misshaped.append(f'{key} {tuple(np.shape(state_dict[key]))} (expected {_torch_shape(target.shape, path[-1])})')
-      continue
-    flat[path] = value.astype(target.dtype)
-  unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIX)]
-  problems = [f'{len(keys)} {kind}: {", ".join(keys)}' for kind, keys in
-              (('missing', missing), ('unexpected', unexpected), ('with the wrong shape', misshaped)) if keys]
-  if problems:
-    raise ValueError(f'state dict does not fit {name} (num_classes={num_classes}, '
-                     f'image_size={model.image_size}): {"; ".join(problems)}')
-  return traverse_util.unflatten_dict(flat)
+  options = {**checkpoint_options(family, state_dict), **overrides}
+  model = models.create(name, **options)
+  return fit.fit(name, model, state_dict, key_of=lambda path: timm_key(family, path),
+                 to_flax=lambda x, path: _to_flax_layout(x, path[-1]),
+                 shown_shape=lambda shape, path: _torch_shape(shape, path[-1]),
+                 ignored=lambda key: key.endswith(_IGNORED_SUFFIX), what='state dict')
 
 
 def to_timm(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
