@@ -10,7 +10,7 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_op
 
 .PHONY: quickstart test venv fashion-mnist
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.runtime
 
 # Re-install whenever a requirements file changes. The runtime set is enough to train; tests add torch/timm.
 $(VENV)/.runtime: requirements.txt

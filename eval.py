@@ -17,6 +17,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
 
+from mixer_jax import cli  # noqa: E402  (light: it imports jax only when called)
+
 flags.DEFINE_string('checkpoint', None, 'Checkpoint file or orbax workdir.')
 flags.DEFINE_string('model', None, 'Model name (default: the workdir config.json or the --pretrained entry).')
 flags.DEFINE_string('model_options', '', 'Model options as key=value,... (e.g. act=gelu).')
@@ -34,6 +36,8 @@ flags.DEFINE_list('fewshot_shots', ['1', '5', '10', '25'], 'Training examples pe
 flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 flags.DEFINE_bool('traceback', False, 'Show the full stack of an error instead of one line.')
 flags.mark_flags_as_required(['checkpoint'])
+cli.define_distributed_flags(flags)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 
@@ -65,9 +69,12 @@ def fewshot_pp(family: str, resolution: int, channels: int) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from mixer_jax import cli
   cli.quiet_library_logs(logging.get_absl_handler())
+  cli.run(lambda: cli.initialize_distributed(FLAGS), traceback=FLAGS.traceback)
   results = cli.run(evaluate_checkpoint, traceback=FLAGS.traceback)
+  import jax
+  if jax.process_index():  # every process computed the same global results; one reports them
+    return
   print(json.dumps(results, indent=2))
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
@@ -76,7 +83,7 @@ def main(argv):
 
 def evaluate_checkpoint() -> dict:
   import jax
-  from mixer_jax import cli, convert, data, models, sharding
+  from mixer_jax import convert, data, models, sharding
   from mixer_jax.convert import pretrained
   from mixer_jax.data import presets
   from mixer_jax.evaluators import classification, fewshot

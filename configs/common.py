@@ -50,7 +50,9 @@ def base_config() -> ConfigDict:
   # Training data. batch_size is global; each process reads batch_size / process_count examples.
   c.input = ConfigDict(dict(
       dataset='fashion_mnist', data_dir=placeholder(str), split='train', pp='', batch_size=256,
-      shuffle_buffer=50_000, cache=placeholder(str), prefetch=2))
+      shuffle_buffer=50_000, cache=placeholder(str), prefetch=2,
+      # False: the same global batches on any number of processes (each reads the whole split; see data/)
+      split_per_process=True))
   # Evaluations by name; each reads every example of its split exactly once. Unset fields fall back to input's.
   c.evals = ConfigDict()
   _durations(c, 'total')

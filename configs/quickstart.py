@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.total_epochs = a.epochs
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
+  c.label_smoothing = 0.1
   c.optimizer = 'adam'
   c.lr = a.lr
   c.weight_decay = 1e-4

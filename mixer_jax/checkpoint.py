@@ -38,7 +38,17 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except ValueError as e:
+      if 'structures do not match' not in str(e):
+        raise
+      paths = [line.strip().rstrip(':') for line in str(e).splitlines()
+               if line.endswith(':') and not line.startswith((' ', 'User'))]
+      raise ValueError(
+          f'checkpoint {step} in {self.directory} holds a different train state than this config builds (it differs '
+          f'at {", ".join(paths[:3])}{" ..." if len(paths) > 3 else ""}): resume with the model and optimizer that '
+          'wrote it, or start a new --workdir (config.init=<checkpoint> fine-tunes from it)') from None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

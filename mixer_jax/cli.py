@@ -2,6 +2,7 @@
 `key=value,...` option strings, and user errors reported on one line."""
 import ast
 import logging
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -38,3 +39,48 @@ def run(fn: Callable[[], T], *, traceback: bool = False) -> T:
     if traceback:
       raise
     sys.exit(f'error: {error}')
+
+
+# ----------------------------------------------------------------------------------------- multi-process jobs
+def define_distributed_flags(flags) -> None:
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process jobs started by hand '
+                      '(auto-detected on Cloud TPU pods, SLURM and Open MPI).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
+  flags.DEFINE_list('local_device_ids', None, 'Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one '
+                    'process per node under SLURM (whose detection otherwise gives each process one GPU).')
+  flags.DEFINE_integer('heartbeat_timeout', 100, 'Seconds after which a silent process counts as dead and the '
+                       'job stops with an error instead of hanging.')
+
+
+def _detected_cluster() -> str | None:
+  """A multi-process environment where jax.distributed.initialize() finds everything by itself."""
+  env = os.environ
+  if 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+    return 'SLURM'
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):  # one host name per worker of a TPU pod slice
+    return 'Cloud TPU pod'
+  return None
+
+
+def initialize_distributed(flags) -> str:
+  """Starts jax.distributed when this is one of several processes; returns how ('' for a single process).
+
+  Must run before anything touches a JAX device.
+  """
+  import jax
+  explicit = flags.coordinator_address is not None
+  cluster = None if explicit else _detected_cluster()
+  if not explicit and cluster is None:
+    return ''
+  if explicit and (flags.num_processes is None or flags.process_id is None):
+    raise ValueError('--coordinator_address needs --num_processes and --process_id')
+  # CPU processes (tests, CPU clusters) exchange data through gloo; GPUs and TPUs use their own collectives.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  local = [int(i) for i in flags.local_device_ids] if flags.local_device_ids else None
+  jax.distributed.initialize(
+      coordinator_address=flags.coordinator_address, num_processes=flags.num_processes,
+      process_id=flags.process_id, local_device_ids=local, heartbeat_timeout_seconds=flags.heartbeat_timeout)
+  return cluster or 'explicit flags'

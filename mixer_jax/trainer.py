@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import metric_writers, parameter_overview
+from jax.experimental import multihost_utils
 
 from mixer_jax import checkpoint, data, losses, mixup, models, optim, sharding
 from mixer_jax.convert import transfer
@@ -123,7 +124,8 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
       logits, _, new_stats = _forward(model, params, batch_stats, images, rng, train=True)
       return jnp.mean(loss_of(logits, labels)), (logits, new_stats)
     (loss, (logits, new_stats)), grads = jax.value_and_grad(compute, has_aux=True)(params)
-    correct = jnp.sum(losses.topk_correct(logits, labels, 1))
+    # against the dominant label: smoothed and mixed labels are positive for several classes
+    correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
     return loss, correct, new_stats, grads
 
   def step_fn(state: TrainState, batch):
@@ -159,6 +161,32 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
 
   return jax.jit(step_fn, in_shardings=(shardings, {'image': batch_sh, 'labels': batch_sh}),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def preflight(config, mesh, shapes, shardings, total_steps: int) -> str:
+  """The run's layout as a report; raises if processes disagree on it (checked with one small all-gather, before
+  the first collective that mismatched processes would hang in)."""
+  params = models.count_params(shapes.params)
+  facts = {'global batch': config.input.batch_size, 'devices': mesh.devices.size, 'total steps': total_steps,
+           'parameters': params, 'seed': config.seed, **{f'mesh {a}': n for a, n in mesh.shape.items()}}
+  if jax.process_count() > 1:
+    everyone = multihost_utils.process_allgather(np.array(list(facts.values()), np.int64))
+    differ = [f'{name} ' + ', '.join(f'{v} (process {p})' for p, v in enumerate(everyone[:, i]))
+              for i, name in enumerate(facts) if (everyone[:, i] != everyone[0, i]).any()]
+    if differ:
+      raise ValueError(f'processes disagree on {"; ".join(differ)}: start every process with the same config')
+  per_device = sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+  local = jax.local_devices()
+  local_batch = config.input.batch_size // jax.process_count()
+  return '\n'.join([
+      f'process {jax.process_index()} of {jax.process_count()}; {len(local)} local {local[0].device_kind} '
+      f'device(s) of {jax.device_count()}',
+      f'mesh {dict(mesh.shape)} over {mesh.devices.size} devices',
+      f'batch {config.input.batch_size} global, {local_batch} per process, '
+      f'{config.input.batch_size // sharding.data_parallel_size(mesh)} per data-parallel device',
+      f'{params:,} parameters; train state {per_device / 2**30:.3f} GiB per device as sharded',
+  ])
 
 
 def _first_non_finite(history: list[tuple[int, dict]]) -> str | None:
@@ -226,8 +254,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   total_steps = durations('total')
   log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
   eval_every = durations('eval_every', required=False)
-  warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples,
-                                      batch_size=batch_size)
+  warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
 
   # --- Model, optimizer, state ---------------------------------------------------------------------------
   pretrained, overrides = None, {}
@@ -241,6 +268,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
                          warmup_steps=warmup_steps)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
+  logging.info('pre-flight:\n%s', preflight(config, mesh, shapes, shardings, total_steps))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_every_steps=config.checkpoint.keep_every_steps,
                                  async_save=config.checkpoint.async_save)
@@ -250,20 +278,23 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   else:
     state = init_state(model, tx, config, jax.random.PRNGKey(config.seed), shardings)
     if pretrained is not None:
-      fresh = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+      # tiled allgather: with FSDP over several processes no process holds whole arrays
+      fresh = multihost_utils.process_allgather({'params': state.params, 'batch_stats': state.batch_stats},
+                                                tiled=True)
       variables, report = transfer.merge(pretrained, fresh)
       logging.info('init from %s: %s', config.init, report)
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)
   if primary:
-    overview = parameter_overview.get_parameter_overview(jax.device_get(state.params), include_stats=False)
+    overview = parameter_overview.get_parameter_overview(shapes.params, include_stats=False)
     logging.info('parameters of %s:\n%s', config.model.name, overview)
 
   train_iter = data.train_iter(
       config.input.dataset, config.input.split, pp=config.input.pp, global_batch_size=batch_size,
       seed=config.seed, start_step=start_step, data_dir=config.input.data_dir,
-      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch)
+      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch,
+      split_per_process=config.input.split_per_process)
 
   # Evaluations: 'classification' (default) reads every example of a split once; 'fewshot' is big_vision's linear
   # probe on pre_logits (its fields: evaluators/fewshot.py).
@@ -307,7 +338,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   # --- Compile the train step ----------------------------------------------------------------------------
   train_step = make_train_step(model, tx, lr_fn, config, mesh, shardings)
   preempted = checkpoint.Preemption()
-  history, last_log = [], (start_step, time.time())
   if start_step < total_steps:
     first = sharding.global_batch(next(train_iter), mesh)
     t0 = time.time()
@@ -319,6 +349,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     batches = iter(())
 
   # --- Train loop ----------------------------------------------------------------------------------------
+  # Throughput windows run from one log step to the next, without compilation and evaluations.
+  history, last_log = [], (start_step, time.time())
   for step, batch in batches:
     state, metrics = compiled(state, batch)
     history.append((step + 1, metrics))
@@ -347,7 +379,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       logging.info('preempted: saved step %d, exiting', done)
       break
     if eval_every and done % eval_every == 0 and done < total_steps:
+      t0 = time.time()
       run_evals(done)
+      last_log = (last_log[0], last_log[1] + time.time() - t0)
   else:
     run_evals(int(state.step))
 

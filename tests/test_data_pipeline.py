@@ -84,6 +84,19 @@ def test_resume_skips_whole_epochs_without_reading_them(folder):
   assert time.perf_counter() - start < 5 and len(set(late['file_name'])) == 8
 
 
+def test_global_order_is_the_same_on_any_number_of_processes(folder):
+  """split_per_process=False: the two processes' rows of each global batch, augmentations included, are the
+  single process's batch, also when the stream is re-created at a later step."""
+  kwargs = dict(pp=TRAIN_PP, shuffle_buffer=16, split_per_process=False)
+  single = stream(folder, 7, **kwargs)
+  for start in (0, 4):
+    halves = [stream(folder, 7 - start, process_index=i, process_count=2, start_step=start, **kwargs)
+              for i in range(2)]
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
+    assert halves[0][0]['image'].shape[0] == 4
+    assert_same(joined, single[start:])
+
+
 def test_process_slices_are_disjoint_and_cover_the_split(folder):
   slices = []
   for index in range(2):

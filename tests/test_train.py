@@ -150,6 +150,15 @@ def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
                                      restored, state))
     leaf = restored.params['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
     assert leaf.sharding == target.params['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
+  # resuming with another optimizer (SGD's trace where Adam's mu/nu were saved) is refused in one line
+  sgd, _ = optim.make(tiny_config(data_dir, 'mixer', optimizer='sgd'), models.abstract_variables(model)['params'],
+                      total_steps=10, warmup_steps=1)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  with pytest.raises(ValueError) as error:
+    ckpt.restore(checkpoint.abstract_like(*trainer.state_shardings(model, sgd, mesh, config.sharding_rules)))
+  message = str(error.value)
+  assert '\n' not in message and message.startswith(f'checkpoint 7 in {ckpt.directory} holds a different train state')
+  assert 'opt_state.inner_states.train.inner_state[1].mu' in message
 
 
 def _train_py(workdir, data_dir, steps, *args, **popen):
@@ -161,10 +170,11 @@ def _train_py(workdir, data_dir, steps, *args, **popen):
   return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
 
 
-def _final_params(workdir, data_dir, steps):
-  config = tiny_config(data_dir, 'mixer', total_steps=steps)
+def _final_params(workdir, data_dir, steps, **overrides):
+  config = tiny_config(data_dir, 'mixer', total_steps=steps, **overrides)
   model = trainer.build_model(config)
-  tx, _ = optim.make(config, models.abstract_variables(model)['params'], total_steps=steps, warmup_steps=10)
+  # the optimizer only gives the state's shapes: its schedule does not matter here
+  tx, _ = optim.make(config, models.abstract_variables(model)['params'], total_steps=steps, warmup_steps=1)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   shapes, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
@@ -210,3 +220,18 @@ def test_bad_config_fails_with_one_line(data_dir, tmp_path, override, message):
   errors = [line for line in stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and errors[0].startswith(message), stderr
   assert 'Traceback' not in stderr
+
+
+def test_train_accuracy_counts_the_dominant_label_under_smoothing(data_dir):
+  """Mixer's head starts at zero, so every first-step prediction is class 0: the accuracy is the share of
+  class-0 examples, not 1 (with smoothed labels every class has a positive target)."""
+  config = tiny_config(data_dir, 'mixer', label_smoothing=0.1)
+  (batch,) = batches(config, 1)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  model = trainer.build_model(config)
+  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=10, warmup_steps=1)
+  _, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0), shardings)
+  _, metrics = trainer.make_train_step(model, tx, lr_fn, config, mesh, shardings)(
+      state, sharding.global_batch(batch, mesh))
+  assert float(metrics['accuracy']) == pytest.approx(float((batch['labels'].argmax(-1) == 0).mean()))

@@ -134,12 +134,18 @@ def _seed_key(seed, stream: int) -> tf.Tensor:
 
 def train_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, seed: int, start_step: int = 0,
                data_dir: str | None = None, process_index: int | None = None, process_count: int | None = None,
-               shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: str | None = None,
-               prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+               shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, cache: str | None = None, prefetch: int = 2,
+               split_per_process: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Endless batches of this process's slice: dicts of numpy arrays with the pp's keys, leading dim local batch.
 
   local batch = global_batch_size // process_count. Batch k depends only on (dataset, split, pp, seed,
   shuffle_buffer, k, process index/count), so `start_step=k` resumes exactly (module docstring).
+
+  `split_per_process=False` makes the global batches independent of the number of processes: every process
+  walks the same globally shuffled stream of undecoded records (reading all of them) and pre-processes only
+  its own rows of each global batch, with the seeds a single process would use. A run then sees the same data
+  on 1 host or 64, and resumes exactly on another number of hosts; the price is that every process reads the
+  whole split (fine for CIFAR-sized data, not for ImageNet, which should keep the default).
   """
   index, count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, count)
@@ -151,7 +157,7 @@ def train_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, see
   shuffle_key, augment_key = _seed_key(seed, _SHUFFLE_STREAM), _seed_key(seed, _AUGMENT_STREAM)
   pipeline = ops.parse(pp)
   source = sources.get(dataset, data_dir)
-  split_here = _process_split(split, index, count)
+  split_here = _process_split(split, index, count) if split_per_process else split
   num = source.count(split_here)
   if num < 1:
     raise ValueError(f'{dataset} {split!r} gives process {index} of {count} no examples: use a larger split or '
@@ -161,7 +167,8 @@ def train_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, see
     records.reduce(np.int64(0), lambda n, _: n + 1)
   fold = tf.random.experimental.stateless_fold_in
 
-  first_epoch, offset = divmod(start_step * local, num)
+  stride = local if split_per_process else global_batch_size  # stream positions per step on this process
+  first_epoch, offset = divmod(start_step * stride, num)
 
   @_graph
   def epoch(e):
@@ -170,13 +177,17 @@ def train_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, see
 
   @_graph
   def example(position, record):
-    step, row = position // local, position % local
-    return preprocess(record, fold(augment_key, step * global_batch_size + index * local + row))
+    if split_per_process:  # position counts this process's stream: place it in the global batch
+      position = position // local * global_batch_size + index * local + position % local
+    return preprocess(record, fold(augment_key, position))
 
   # interleave of one: flat_map's order, but the next epoch starts filling its first window in the background.
   ds = tf.data.Dataset.range(first_epoch, 2**62).interleave(epoch, cycle_length=1, num_parallel_calls=1,
                                                            deterministic=True)
-  ds = ds.enumerate(start=start_step * local).map(example, tf.data.AUTOTUNE)
+  ds = ds.enumerate(start=start_step * stride)
+  if not split_per_process:  # this process's rows of each global batch, still undecoded
+    ds = ds.filter(_graph(lambda position, record: position % global_batch_size // local == index))
+  ds = ds.map(example, tf.data.AUTOTUNE)
   ds = _options(ds.batch(local, drop_remainder=True))
   return (ds.prefetch(prefetch) if prefetch else ds).as_numpy_iterator()
 
