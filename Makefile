@@ -8,7 +8,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 
-.PHONY: quickstart test venv fashion-mnist
+.PHONY: bench quickstart test venv fashion-mnist
 
 venv: $(VENV)/.runtime
 
@@ -37,3 +37,16 @@ test: $(VENV)/.installed fashion-mnist
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy.
 quickstart: $(VENV)/.runtime fashion-mnist
 	$(PY) train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+
+# Step speed of every family's flagship variants on this machine's devices (BENCHMARKS.md): tables on stdout,
+# JSON lines in bench.jsonl. Sized for a CPU, where full-size ConvMixers use the grouped depthwise convolution
+# (the shift-and-add form needs too much memory at 224) and run inference only (XLA:CPU turns the grouped
+# convolution's gradient into a dense one: 92 s per convmixer_768_32 step at batch 2). On an accelerator, e.g.:
+#   make bench BENCH="--mode train,infer --batch 256 --dtype bfloat16" CONVMIXER_BENCH="--mode train,infer --batch 128 --dtype bfloat16"
+BENCH ?= --mode train,infer --batch 4 --steps 2 --repeats 3 --warmup 1 --baseline
+CONVMIXER_BENCH ?= --model_options depthwise=conv --mode infer --batch 4 --steps 2 --repeats 3 --warmup 1
+bench: $(VENV)/.runtime
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mixer_jax.bench model --model mixer_b16,mixer_l16,davit_tiny,davit_base \
+	  $(BENCH) --jsonl bench.jsonl
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mixer_jax.bench model --model convmixer_768_32,convmixer_1536_20 \
+	  $(CONVMIXER_BENCH) --jsonl bench.jsonl

@@ -1,6 +1,17 @@
 """Benchmarks, one argparse sub-command each:
 
+  python -m mixer_jax.bench model --model mixer_b16,davit_tiny --mode train,infer --batch 256 --dtype bfloat16
   python -m mixer_jax.bench input --pp "decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)"
+
+`model`: the real train step (`trainer.make_train_step`, the function train.py runs, with the optimizer, loss
+and mixup of the family's recipe) or the inference forward pass, on a mesh over all devices, fed synthetic
+on-device batches (input cost excluded: that is `input`). Compilation and warm-up steps are excluded; each
+timed repeat runs `--steps` steps and blocks on the result, and the median repeat is reported. MFU =
+images/s x FLOPs per image / peak FLOP/s, with the FLOPs from XLA's cost analysis of the compiled step (the
+analytic count of `mixer_jax.flops` beside it) and the peak from `PEAK_TFLOPS` or `--peak_tflops`.
+`--baseline` also times a plain jit of the bare linen model + the same optax optimizer (`plain_train_step`)
+and reports our step time over its. The logic is `model_benchmark()`; rows print as a table and, with
+`--jsonl`, append as JSON lines.
 
 `input`: writes synthetic photo-like JPEGs of ImageNet-like sizes (about 100 KB each, as ImageNet's ~110 KB
 average) to a temporary image folder, runs the train pipeline (`mixer_jax.data.train_iter`) over them and prints
@@ -14,6 +25,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -91,12 +103,270 @@ def _add_input_parser(subparsers):
   p.set_defaults(run=_run_input)
 
 
+# ----------------------------------------------------------------------------------------------------- model
+# Dense bfloat16 peak TFLOP/s per JAX device (vendor figures, no sparsity; users_and_performance.md B1). A TPU v3
+# device is one core; later TPUs expose one device per chip. First matching substring of `device_kind` wins.
+PEAK_TFLOPS = (('TPU v3', 61.5), ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5', 459.0),
+               ('TPU v6 lite', 918.0), ('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0),
+               ('L4', 121.0), ('A10G', 70.0), ('RTX 4090', 165.0))
+RECIPES = {'mixer': 'mixer_i1k', 'convmixer': 'convmixer_i1k', 'davit': 'davit_i1k'}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  return next((tf for kind, tf in PEAK_TFLOPS if kind in device_kind), None)
+
+
+def bench_config(name: str, *, batch: int, res: int | None = None, dtype: str = 'float32', recipe: str | None = None,
+                 mesh_shape=(-1, 1, 1), model_options: dict | None = None):
+  """The family's recipe (configs/<recipe>.py[:args], default <family>_i1k) with `name` (and `model_options`)
+  as its model."""
+  import importlib
+  from mixer_jax import models
+  module, _, arg = (recipe or RECIPES[models.family(name)]).partition(':')
+  c = importlib.import_module(f'configs.{module}').get_config(arg or None)
+  c.model.name = name
+  c.model.dtype = dtype
+  if res:
+    c.model.image_size = res
+  for key, value in (model_options or {}).items():
+    c.model[key] = value
+  c.input.batch_size = batch
+  c.mesh.shape = tuple(mesh_shape)
+  return c
+
+
+def _time_calls(call, *, steps: int, repeats: int, warmup: int) -> list[float]:
+  """Seconds per call of each repeat of `steps` calls; `call()` must return what to block on."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = call()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / steps)
+  return times
+
+
+def synthetic_batch(model, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+  from mixer_jax import models
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, models.input_shape(model, batch)).astype(np.float32)
+  labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]
+  return {'image': images, 'labels': labels}
+
+
+def plain_train_step(model, tx):
+  """The baseline: what one writes with nothing but linen and optax (no mesh, mixup or metrics)."""
+  import jax
+  import optax
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+    (logits, _), updated = model.apply(variables, images, train=True, rngs={'dropout': rng},
+                                       mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy(logits, labels).mean()
+    return loss, updated.get('batch_stats', batch_stats)
+
+  @jax.jit
+  def step(params, opt_state, batch_stats, images, labels, rng):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels,
+                                                                           rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, batch_stats, loss
+
+  return step
+
+
+class Step(NamedTuple):
+  """A compiled train or inference step with its inputs, ready to time."""
+  model: Any
+  mode: str
+  mesh: Any
+  tx: Any
+  state: Any  # the train state (its variables serve inference)
+  host_batch: dict
+  compiled: Any
+  call: Callable[[], Any]  # runs one step, returns what to block on
+  compile_s: float
+
+  def xla_flops_per_image(self) -> float:
+    """XLA's cost analysis is of the partitioned program that each device runs."""
+    flops = float(self.compiled.cost_analysis().get('flops', 0.0))
+    return flops * self.mesh.devices.size / len(self.host_batch['image'])
+
+
+def compile_step(name: str, *, mode: str = 'train', batch: int = 32, res: int | None = None, dtype: str = 'float32',
+                 recipe: str | None = None, mesh_shape=(-1, 1, 1), model_options: dict | None = None) -> Step:
+  import jax
+  from mixer_jax import models, optim, sharding, trainer
+  from mixer_jax.evaluators import classification
+  if mode not in ('train', 'infer'):
+    raise ValueError(f"mode {mode!r}: choose 'train' or 'infer'")
+  config = bench_config(name, batch=batch, res=res, dtype=dtype, recipe=recipe, mesh_shape=mesh_shape,
+                        model_options=model_options)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  sharding.check_batch_size(batch, mesh)
+  model = trainer.build_model(config)
+  total_steps = 10_000  # the schedule's values do not change the step's cost
+  warmup_steps = 0 if config.schedule.type == 'onecycle' else total_steps // 10  # one-cycle has its own warmup
+  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
+                         warmup_steps=warmup_steps)
+  _, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0), shardings)
+  host_batch = synthetic_batch(model, batch, config.num_classes)
+  data = sharding.global_batch(host_batch, mesh)
+
+  start = time.perf_counter()
+  if mode == 'train':
+    compiled = trainer.make_train_step(model, tx, lr_fn, config, mesh, shardings).lower(state, data).compile()
+    current = state
+
+    def call():
+      nonlocal current
+      current, metrics = compiled(current, data)  # the state is donated: feed each step the last one
+      return metrics
+  else:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    data = dict(data, mask=sharding.global_batch({'mask': np.ones(batch, bool)}, mesh)['mask'])
+    compiled = classification.make_step(
+        lambda v, x: model.apply(v, x, train=False)[0], config.loss, mesh,
+        {'params': shardings.params, 'batch_stats': shardings.batch_stats}).lower(variables, data).compile()
+    call = lambda: compiled(variables, data)
+  return Step(model, mode, mesh, tx, state, host_batch, compiled, call, time.perf_counter() - start)
+
+
+def model_benchmark(name: str, *, mode: str = 'train', batch: int = 32, res: int | None = None,
+                    dtype: str = 'float32', recipe: str | None = None, mesh_shape=(-1, 1, 1), steps: int = 5,
+                    repeats: int = 5, warmup: int = 2, peak: float | None = None, baseline: bool = False,
+                    model_options: dict | None = None) -> dict:
+  """One benchmark row (see the module docstring) as a dict of plain values."""
+  from mixer_jax import flops, models, trainer
+  if baseline and mode != 'train':
+    raise ValueError('--baseline compares train steps: use it with --mode train')
+  step = compile_step(name, mode=mode, batch=batch, res=res, dtype=dtype, recipe=recipe, mesh_shape=mesh_shape,
+                      model_options=model_options)
+  # the baseline reads the initial state, which the first donated train step consumes
+  plain = _baseline(step, steps=steps, repeats=repeats, warmup=warmup) if baseline else {}
+  times = _time_calls(step.call, steps=steps, repeats=repeats, warmup=warmup)
+  step_s = float(np.median(times))
+  devices = step.mesh.devices.size
+  kind = step.mesh.devices.flat[0].device_kind
+  peak = peak or peak_tflops(kind)
+  xla, analytic = step.xla_flops_per_image(), flops.flops_per_image(step.model, mode)
+  images_per_s = batch / step_s
+  row = dict(model=name, mode=mode, batch=batch, res=models.input_shape(step.model)[1], dtype=dtype,
+             devices=devices, device_kind=kind, mesh=dict(step.mesh.shape),
+             recipe=recipe or RECIPES[models.family(name)], step_s=step_s, step_s_repeats=times,
+             images_per_s=images_per_s, images_per_s_per_device=images_per_s / devices,
+             xla_gflops_per_image=xla / 1e9, analytic_gflops_per_image=analytic / 1e9,
+             xla_over_analytic=xla / analytic, peak_tflops_per_device=peak,
+             mfu=images_per_s * xla / (peak * 1e12 * devices) if peak else None,
+             mfu_analytic=images_per_s * analytic / (peak * 1e12 * devices) if peak else None,
+             compile_s=step.compile_s, **trainer.memory_usage(step.compiled))
+  if plain:
+    row.update(plain, step_over_baseline=step_s / plain['baseline_step_s'])
+  return row
+
+
+def _baseline(step: Step, *, steps: int, repeats: int, warmup: int) -> dict:
+  """Times `plain_train_step` on the default device with the same model, optimizer, initial state and batch."""
+  import jax
+  params, batch_stats = jax.device_get(step.state.params), jax.device_get(step.state.batch_stats)
+  opt_state, rng = step.tx.init(params), jax.random.PRNGKey(1)
+  images, labels = step.host_batch['image'], step.host_batch['labels']
+  start = time.perf_counter()
+  plain = plain_train_step(step.model, step.tx).lower(params, opt_state, batch_stats, images, labels, rng).compile()
+  compile_s = time.perf_counter() - start
+
+  def call():
+    nonlocal params, opt_state, batch_stats
+    params, opt_state, batch_stats, loss = plain(params, opt_state, batch_stats, images, labels, rng)
+    return loss
+  times = _time_calls(call, steps=steps, repeats=repeats, warmup=warmup)
+  return dict(baseline_step_s=float(np.median(times)), baseline_compile_s=compile_s)
+
+
+_COLUMNS = (  # header, key, format
+    ('model', 'model', '{}'), ('mode', 'mode', '{}'), ('res', 'res', '{}'), ('batch', 'batch', '{}'),
+    ('dtype', 'dtype', '{}'), ('dev', 'devices', '{}'), ('img/s', 'images_per_s', '{:.1f}'),
+    ('img/s/dev', 'images_per_s_per_device', '{:.1f}'), ('step ms', 'step_s', '{:.4g}'),
+    ('GFLOP/img XLA', 'xla_gflops_per_image', '{:.4g}'), ('XLA/analytic', 'xla_over_analytic', '{:.3f}'),
+    ('MFU', 'mfu', '{:.1%}'), ('compile s', 'compile_s', '{:.1f}'), ('step GiB', 'step_gib', '{:.2f}'),
+    ('vs plain', 'step_over_baseline', '{:.3f}'))
+
+
+def format_row(row: dict) -> str:
+  cells = []
+  for _, key, fmt in _COLUMNS:
+    value = row.get(key)
+    if key == 'step_s':
+      value = value * 1e3
+    cells.append('-' if value is None else fmt.format(value))
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def table_header() -> str:
+  return '| ' + ' | '.join(h for h, _, _ in _COLUMNS) + ' |\n|' + '---|' * len(_COLUMNS)
+
+
+def _run_model(args):
+  import json
+  from mixer_jax import cli, models
+  names = args.model.split(',')
+  for name in names:
+    models.variant(name)  # an unknown name fails before anything is compiled, listing the known ones
+  modes = args.mode.split(',')
+  options = cli.parse_options(args.model_options, '--model_options')
+  print(table_header(), flush=True)
+  for name in names:
+    for mode in modes:
+      row = model_benchmark(name, mode=mode, batch=args.batch, res=args.res, dtype=args.dtype, recipe=args.recipe,
+                            mesh_shape=args.mesh, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+                            peak=args.peak_tflops, baseline=args.baseline and mode == 'train',
+                            model_options=options)
+      print(format_row(row), flush=True)
+      if abs(row['xla_over_analytic'] - 1) > 0.1:  # e.g. XLA:CPU runs grouped-convolution gradients densely
+        print(f'  note: XLA executes {row["xla_over_analytic"]:.1f}x the model FLOPs of mixer_jax.flops here; '
+              f'the MFU of the model FLOPs is in the JSON (mfu_analytic)', flush=True)
+      if args.jsonl:
+        with open(args.jsonl, 'a') as f:
+          f.write(json.dumps(row) + '\n')
+
+
+def _add_model_parser(subparsers):
+  p = subparsers.add_parser('model', help='train or inference step: images/s, MFU, memory, compile time')
+  p.add_argument('--model', required=True, help='model name(s), comma-separated, e.g. mixer_b16,davit_tiny')
+  p.add_argument('--model_options', default='', help='model overrides key=value,..., e.g. num_blocks=2')
+  p.add_argument('--mode', default='train', help='train, infer or train,infer')
+  p.add_argument('--batch', type=int, default=32, help='global batch')
+  p.add_argument('--res', type=int, default=None, help='image size (default: the model\'s, 224)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='compute dtype (parameters '
+                 'and norms stay float32)')
+  p.add_argument('--recipe', default=None, help='configs/<recipe>.py[:args] giving optimizer, loss, mixup '
+                 '(default: <family>_i1k)')
+  p.add_argument('--mesh', type=lambda s: tuple(int(x) for x in s.strip('()').split(',')), default=(-1, 1, 1),
+                 help='mesh shape data,fsdp,model (default -1,1,1: data parallel over every device)')
+  p.add_argument('--steps', type=int, default=5, help='steps per timed repeat')
+  p.add_argument('--repeats', type=int, default=5, help='timed repeats; the median is reported')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
+  p.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s per device for MFU (default: '
+                 'from the device kind; none on CPU)')
+  p.add_argument('--baseline', action='store_true', help='also time a plain linen + optax step (train only)')
+  p.add_argument('--jsonl', default=None, help='append one JSON object per row to this file')
+  p.set_defaults(run=_run_model)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m mixer_jax.bench', description=__doc__.split('\n')[0])
   subparsers = parser.add_subparsers(dest='command', required=True)
+  _add_model_parser(subparsers)
   _add_input_parser(subparsers)
   args = parser.parse_args(argv)
-  args.run(args)
+  from mixer_jax import cli
+  cli.run(lambda: args.run(args))
 
 
 if __name__ == '__main__':

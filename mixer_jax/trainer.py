@@ -154,7 +154,7 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
       grads, loss = jax.tree.map(lambda g: g / accum, grads), loss / accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    lr=lr_fn(state.step), accuracy=correct / images.shape[0])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
     return new_state, metrics
@@ -197,19 +197,30 @@ def _first_non_finite(history: list[tuple[int, dict]]) -> str | None:
   return None
 
 
-def _memory_report(compiled) -> str:
-  """What the compiled step needs per device, and the device's (or the host's, on CPU) peak memory."""
-  parts = []
-  analysis = compiled.memory_analysis()
-  if analysis is not None:
-    gib = lambda b: f'{b / 2**30:.2f}'
-    parts.append(f'step arguments {gib(analysis.argument_size_in_bytes)} GiB, temporaries '
-                 f'{gib(analysis.temp_size_in_bytes)} GiB per device')
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and 'peak_bytes_in_use' in stats:
-    parts.append(f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB')
+def memory_usage(compiled) -> dict[str, float]:
+  """GiB per device of a compiled step (XLA's memory analysis: arguments, temporaries and the whole step,
+  counting donated buffers once) and the device's peak, or on a CPU the host process's peak resident memory."""
+  out = {}
+  m = compiled.memory_analysis()
+  if m is not None:
+    out.update(arguments_gib=m.argument_size_in_bytes / 2**30, temporaries_gib=m.temp_size_in_bytes / 2**30,
+               step_gib=(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                         + m.temp_size_in_bytes) / 2**30)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['device_peak_gib'] = stats['peak_bytes_in_use'] / 2**30
   else:
-    parts.append(f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+    out['host_peak_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return out
+
+
+def _memory_report(compiled) -> str:
+  m = memory_usage(compiled)
+  parts = []
+  if 'step_gib' in m:
+    parts.append(f'step arguments {m["arguments_gib"]:.2f} GiB, temporaries {m["temporaries_gib"]:.2f} GiB per device')
+  parts.append(f'device peak {m["device_peak_gib"]:.2f} GiB' if 'device_peak_gib' in m
+               else f'host peak RSS {m["host_peak_gib"]:.2f} GiB')
   return '; '.join(parts)
 
 

@@ -52,6 +52,7 @@ class WindowAttention(nn.Module):
   """Multi-head self-attention inside non-overlapping window_size x window_size windows."""
   num_heads: int
   window_size: int
+  implementation: str | None
   dtype: Any
   param_dtype: Any
 
@@ -64,10 +65,10 @@ class WindowAttention(nn.Module):
     x = x.reshape(b, hp // ws, ws, wp // ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
     kw = dict(kernel_init=layers.trunc_normal_02, dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = split_heads(layers.dense(3 * c, ('embed', 'heads'), name='qkv', **kw)(x), self.num_heads)
-    q = q * (c // self.num_heads) ** -0.5
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(-1, ws * ws, c)
+    # softmax(q.k^T * head_dim^-0.5).v with float32 logits and softmax; on GPUs cuDNN's fused attention where
+    # it applies (bfloat16/float16), XLA's einsum-softmax-einsum elsewhere
+    y = jax.nn.dot_product_attention(q, k, v, scale=(c // self.num_heads) ** -0.5,
+                                     implementation=self.implementation).reshape(-1, ws * ws, c)
     y = layers.dense(c, ('heads', 'embed'), name='proj', **kw)(y)
     y = y.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
     return y[:, :h, :w, :]
@@ -102,6 +103,7 @@ class AttentionBlock(nn.Module):
   drop_path: float
   act: str
   depthwise: str
+  attention_impl: str | None
   dtype: Any
   param_dtype: Any
 
@@ -114,7 +116,7 @@ class AttentionBlock(nn.Module):
     x = self.cpe(x, 'cpe1')
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='norm1')(x)
     if self.attention == 'window':
-      y = WindowAttention(self.num_heads, self.window_size, name='window_attention', **kw)(y)
+      y = WindowAttention(self.num_heads, self.window_size, self.attention_impl, name='window_attention', **kw)(y)
     else:
       y = ChannelAttention(self.num_heads, name='channel_attention', **kw)(y)
     x = x + layers.drop_path(y, self.drop_path, train=train, module=self, scale_by_keep=True)
@@ -136,6 +138,7 @@ class DaViT(nn.Module):
   drop_path_rate: float = 0.0
   act: str = 'gelu'
   depthwise: str = 'auto'  # CPE convolution implementation, see layers.DepthwiseConv
+  attention_impl: str | None = None  # window attention: None (cuDNN where it applies, else XLA), 'xla', 'cudnn'
   remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
   image_size: Any = 224  # the default input size (for init and benchmarks); any size works
   in_channels: int = 3
@@ -145,6 +148,8 @@ class DaViT(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     layers.check_channels(images, self.in_channels, 'DaViT')
+    if self.attention_impl not in (None, 'xla', 'cudnn'):
+      raise ValueError(f"DaViT attention_impl {self.attention_impl!r}: use None (automatic), 'xla' or 'cudnn'")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rates = drop_path_rates(self.depths, self.drop_path_rate)
     out = {}
@@ -163,7 +168,7 @@ class DaViT(nn.Module):
         for t, attention in enumerate(('window', 'channel')):
           kind = 'spatial' if attention == 'window' else 'channel'
           x = block(attention, heads, self.window_size, self.mlp_ratio, rates[2 * pair_index + t], self.act,
-                    self.depthwise, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train)
+                    self.depthwise, self.attention_impl, name=f'stage_{s}_{kind}_block_{j}', **kw)(x, train)
         pair_index += 1
       out[f'stage_{s}'] = x
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -1,0 +1,65 @@
+"""The benchmark tool (not speed): it runs real train and inference steps and emits well-formed rows, and the
+analytic FLOP counts behind MFU agree with XLA's cost analysis of the compiled steps."""
+import json
+
+import pytest
+
+from mixer_jax import bench, flops, models
+
+TINY_MIXER = 'hidden_dim=32,num_blocks=2,tokens_mlp_dim=16,channels_mlp_dim=64'
+
+
+def test_model_benchmark_writes_a_table_and_json_lines(tmp_path, capsys):
+  jsonl = tmp_path / 'bench.jsonl'
+  bench.main(['model', '--model', 'mixer_s32', '--model_options', TINY_MIXER, '--res', '64', '--batch', '8',
+              '--mode', 'train,infer', '--steps', '2', '--repeats', '2', '--warmup', '1', '--baseline',
+              '--jsonl', str(jsonl)])
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].startswith('| model | mode |') and len(table) == 4
+  rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+  assert [(r['model'], r['mode'], r['batch'], r['res'], r['devices']) for r in rows] == [
+      ('mixer_s32', 'train', 8, 64, 8), ('mixer_s32', 'infer', 8, 64, 8)]
+  for row in rows:
+    assert len(row['step_s_repeats']) == 2 and row['step_s'] > 0 and row['compile_s'] > 0
+    assert row['images_per_s'] == pytest.approx(8 / row['step_s'])
+    assert row['images_per_s_per_device'] == pytest.approx(row['images_per_s'] / 8)
+    assert row['mfu'] is None and row['peak_tflops_per_device'] is None  # no peak known for a CPU
+    assert row['host_peak_gib'] > 0 and row['step_gib'] > 0
+  train, infer = rows
+  assert train['step_over_baseline'] == pytest.approx(train['step_s'] / train['baseline_step_s'])
+  assert 'baseline_step_s' not in infer
+  assert train['analytic_gflops_per_image'] == pytest.approx(3 * infer['analytic_gflops_per_image'])
+
+
+def test_peak_override_gives_mfu(capsys):
+  row = bench.model_benchmark('mixer_s32', mode='infer', batch=8, res=64, steps=1, repeats=1, warmup=0, peak=0.5,
+                              model_options=dict(hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
+                                                 channels_mlp_dim=64))
+  assert row['mfu'] == pytest.approx(row['images_per_s'] * row['xla_gflops_per_image'] / (0.5e3 * 8))
+
+
+def test_unknown_model_stops_with_one_line(capsys):
+  with pytest.raises(SystemExit) as exit:
+    bench.main(['model', '--model', 'mixer_b17'])
+  assert str(exit.value).startswith("error: unknown model 'mixer_b17'") and '\n' not in str(exit.value)
+
+
+def test_published_mac_counts():
+  """timm's `infer_gmacs` (users_and_performance.md B2; ConvMixer with its depthwise MACs)."""
+  published = {'mixer_b16': 12.62, 'mixer_l16': 44.6, 'convmixer_768_32': 20.68, 'convmixer_1536_20': 51.10,
+               'davit_tiny': 4.54, 'davit_small': 8.80, 'davit_base': 15.51}
+  for name, gmacs in published.items():
+    assert flops.macs_per_image(models.create(name, num_classes=1000)) / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+@pytest.mark.parametrize('name,options', [
+    # the real widths at 224, fewer blocks: XLA's count includes norms and activations that the analytic one skips
+    ('mixer_b16', dict(num_blocks=2)),
+    ('convmixer_768_32', dict(depth=2)),
+    ('davit_tiny', dict(depths=(1, 1, 1, 1))),
+])
+@pytest.mark.parametrize('mode', ['infer', 'train'])
+def test_analytic_flops_match_xla_within_10_percent(name, options, mode):
+  step = bench.compile_step(name, mode=mode, batch=8, model_options=options)  # compiled on 8 devices, not run
+  ratio = step.xla_flops_per_image() / flops.flops_per_image(step.model, mode)
+  assert 0.9 <= ratio <= 1.1, ratio
