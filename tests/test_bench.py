@@ -15,7 +15,9 @@ def test_model_benchmark_writes_a_table_and_json_lines(tmp_path, capsys):
               '--mode', 'train,infer', '--steps', '2', '--repeats', '2', '--warmup', '1', '--baseline',
               '--jsonl', str(jsonl)])
   table = capsys.readouterr().out.splitlines()
-  assert table[0].startswith('| model | mode |') and len(table) == 4
+  assert table[0].startswith('| model | mode |')
+  # a tiny model is mostly norms and activations, which XLA counts and the analytic count does not: a note says so
+  assert [line.split(' | ')[1] for line in table if line.startswith('| mixer_s32')] == ['train', 'infer']
   rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
   assert [(r['model'], r['mode'], r['batch'], r['res'], r['devices']) for r in rows] == [
       ('mixer_s32', 'train', 8, 64, 8), ('mixer_s32', 'infer', 8, 64, 8)]
@@ -52,13 +54,13 @@ def test_published_mac_counts():
     assert flops.macs_per_image(models.create(name, num_classes=1000)) / 1e9 == pytest.approx(gmacs, rel=0.01)
 
 
-@pytest.mark.parametrize('name,options', [
+@pytest.mark.parametrize('name,options,mode', [
     # the real widths at 224, fewer blocks: XLA's count includes norms and activations that the analytic one skips
-    ('mixer_b16', dict(num_blocks=2)),
-    ('convmixer_768_32', dict(depth=2)),
-    ('davit_tiny', dict(depths=(1, 1, 1, 1))),
+    ('mixer_b16', dict(num_blocks=2), 'infer'),
+    ('mixer_b16', dict(num_blocks=2), 'train'),  # checks the 3x forward convention of training steps
+    ('convmixer_768_32', dict(depth=2), 'infer'),
+    ('davit_tiny', dict(depths=(1, 1, 1, 1)), 'infer'),
 ])
-@pytest.mark.parametrize('mode', ['infer', 'train'])
 def test_analytic_flops_match_xla_within_10_percent(name, options, mode):
   step = bench.compile_step(name, mode=mode, batch=8, model_options=options)  # compiled on 8 devices, not run
   ratio = step.xla_flops_per_image() / flops.flops_per_image(step.model, mode)
