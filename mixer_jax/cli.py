@@ -65,8 +65,8 @@ def _detected_cluster() -> str | None:
   return None
 
 
-def initialize_distributed(flags) -> str:
-  """Starts jax.distributed when this is one of several processes; returns how ('' for a single process).
+def initialize_distributed(flags) -> None:
+  """Starts jax.distributed when this is one of several processes (and logs how it found the others).
 
   Must run before anything touches a JAX device.
   """
@@ -74,7 +74,7 @@ def initialize_distributed(flags) -> str:
   explicit = flags.coordinator_address is not None
   cluster = None if explicit else _detected_cluster()
   if not explicit and cluster is None:
-    return ''
+    return
   if explicit and (flags.num_processes is None or flags.process_id is None):
     raise ValueError('--coordinator_address needs --num_processes and --process_id')
   # CPU processes (tests, CPU clusters) exchange data through gloo; GPUs and TPUs use their own collectives.
@@ -83,4 +83,5 @@ def initialize_distributed(flags) -> str:
   jax.distributed.initialize(
       coordinator_address=flags.coordinator_address, num_processes=flags.num_processes,
       process_id=flags.process_id, local_device_ids=local, heartbeat_timeout_seconds=flags.heartbeat_timeout)
-  return cluster or 'explicit flags'
+  logging.info('multi-process job from %s: process %d of %d', cluster or '--coordinator_address',
+               jax.process_index(), jax.process_count())

@@ -254,9 +254,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   # --- Mesh ----------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
   num_devices = mesh.devices.size
-  sharding.check_batch_size(config.input.batch_size, mesh)
-  logging.info('mesh %s over %d devices (%s), %d process(es)', dict(mesh.shape), num_devices,
-               mesh.devices.flat[0].device_kind, jax.process_count())
+  sharding.check_batch_size(config.input.batch_size, mesh)  # early: the pre-flight report comes after the model
 
   # --- Input pipeline ------------------------------------------------------------------------------------
   train_examples = data.num_examples(config.input.dataset, config.input.split, data_dir=config.input.data_dir)
