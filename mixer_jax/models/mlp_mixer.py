@@ -10,6 +10,11 @@ Stochastic depth follows big_vision: block i drops each of its two branches with
 
 The token-mixing MLP acts on the token axis, so its width depends on the number of patches: a Mixer is built
 for one `image_size`. Other resolutions need the checkpoint surgery in `mixer_jax.convert`.
+
+Layout: the blocks carry the tokens token-major, (S, B, C), not (B, S, C). Then both mixings are plain GEMMs on
+free 2-D views, token mixing kernel^T @ (S, B*C) and channel mixing (S*B, C) @ kernel, where the usual
+(B, S, C) layout moves the activations twice per block (swapaxes before and after the token MLP; XLA
+materialises both as copies). The one transpose is after the stem. The `out` entries stay (B, S, C).
 """
 from typing import Any
 
@@ -31,15 +36,15 @@ class MixerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    """x: token-major tokens (S, B, C)."""
     mlp = dict(act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = dict(train=train, module=self, scale_by_keep=False, batch_axis=1)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
-    y = jnp.swapaxes(y, 1, 2)  # (B, C, S): the token MLP mixes along the token axis
-    y = layers.MlpBlock(self.tokens_mlp_dim, ('tokens', 'token_mlp'), name='token_mixing', **mlp)(y)
-    y = jnp.swapaxes(y, 1, 2)
-    x = x + layers.drop_path(y, self.drop_p, train=train, module=self, scale_by_keep=False)
+    y = layers.MlpBlock(self.tokens_mlp_dim, ('tokens', 'token_mlp'), leading=True, name='token_mixing', **mlp)(y)
+    x = x + layers.drop_path(y, self.drop_p, **drop)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
     y = layers.MlpBlock(self.channels_mlp_dim, ('embed', 'mlp'), name='channel_mixing', **mlp)(y)
-    return x + layers.drop_path(y, self.drop_p, train=train, module=self, scale_by_keep=False)
+    return x + layers.drop_path(y, self.drop_p, **drop)
 
 
 class MlpMixer(nn.Module):
@@ -80,16 +85,16 @@ class MlpMixer(nn.Module):
                     in_features=images.shape[-1], kernel_init=nn.linear.default_kernel_init,
                     bias_init=layers.zeros, dtype=self.dtype, param_dtype=self.param_dtype, name='stem')(images)
     out['stem'] = x
-    x = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major over the patch grid
-    out['input_tokens'] = x
+    x = out['input_tokens'] = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major over the patch grid
+    x = jnp.swapaxes(x, 0, 1)  # token-major (S, B, C), see the module docstring
     block = layers.maybe_remat(MixerBlock, self.remat)
     for i in range(self.num_blocks):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.act,
                 drop_p=i / max(self.num_blocks - 1, 1) * self.stoch_depth,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'MixerBlock_{i}')(x, train)
-      out[f'block_{i}'] = x
+      out[f'block_{i}'] = jnp.swapaxes(x, 0, 1)  # unused entries cost nothing under jit
     x = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='pre_head_layer_norm')(x)
-    x = out['pre_logits'] = jnp.mean(x, axis=1)
+    x = out['pre_logits'] = jnp.mean(x, axis=0)
     if self.num_classes:
       x = layers.dense(self.num_classes, ('embed', 'classes'), kernel_init=layers.zeros, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='head')(x)
