@@ -40,6 +40,19 @@ def test_peak_override_gives_mfu(capsys):
   assert row['mfu'] == pytest.approx(row['images_per_s'] * row['xla_gflops_per_image'] / (0.5e3 * 8))
 
 
+def test_scanned_blocks_take_mfu_from_the_analytic_count(tmp_path, capsys):
+  """XLA's cost analysis counts a scanned loop body once; `scan_blocks=true` (lower-case, as typed) scans."""
+  jsonl = tmp_path / 'bench.jsonl'
+  options = 'hidden_dim=128,num_blocks=8,tokens_mlp_dim=16,channels_mlp_dim=512,scan_blocks=true'  # matmul-bound
+  bench.main(['model', '--model', 'mixer_s32', '--model_options', options,
+              '--res', '64', '--batch', '8', '--mode', 'infer', '--steps', '1', '--repeats', '1', '--warmup', '0',
+              '--peak_tflops', '0.5', '--jsonl', str(jsonl)])
+  assert 'note: scanned blocks' in capsys.readouterr().out
+  row = json.loads(jsonl.read_text())
+  assert row['mfu_flops'] == 'analytic' and row['xla_over_analytic'] < 0.5  # one block of eight, the stem and the head
+  assert row['mfu'] == pytest.approx(row['images_per_s'] * row['analytic_gflops_per_image'] / (0.5e3 * 8))
+
+
 def test_unknown_model_stops_with_one_line(capsys):
   with pytest.raises(SystemExit) as exit:
     bench.main(['model', '--model', 'mixer_b17'])

@@ -277,6 +277,35 @@ def test_run_fine_tunes_from_an_orbax_workdir(tmp_path):
   assert metrics['step'] == 2 and metrics['test/count'] == 24
 
 
+def test_scanned_models_read_and_write_the_per_block_layout(tmp_path):
+  """scan_blocks=True: Google's .npz and timm files load stacked and give the per-block model's logits; exports
+  and fine-tuning initialisation go through the per-block layout."""
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  mixer = _random_variables(_tiny_mixer())
+  npz.write(mixer['params'], tmp_path / 'mixer.npz')
+  options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
+  loaded = convert.load(str(tmp_path / 'mixer.npz'), 'mixer_s16', scan_blocks=True, **options)
+  assert loaded['params']['MixerBlock']['LayerNorm_0']['scale'].shape == (2, 16)
+  np.testing.assert_allclose(_logits(_tiny_mixer(scan_blocks=True), loaded, images),
+                             _logits(_tiny_mixer(), mixer, images), rtol=1e-5, atol=1e-6)
+  convert.save(loaded, str(tmp_path / 'out.npz'), 'mixer_s16', 'npz')
+  _assert_trees_equal(npz.read(str(tmp_path / 'out.npz')), mixer['params'])
+  initial, _, _ = transfer.pretrained(str(tmp_path / 'mixer.npz'), 'mixer_s16', {**options, 'scan_blocks': True},
+                                      image_size=64)  # through the token-mixing resize
+  fresh = models.init_variables(_tiny_mixer(image_size=64, tokens_mlp_dim=32, scan_blocks=True), jax.random.key(0))
+  merged, _ = transfer.merge(initial, fresh)
+  assert merged['params']['MixerBlock']['token_mixing']['Dense_0']['kernel'].shape == (2, 64, 32)
+
+  convmixer = models.create('convmixer_256_8', num_classes=5, dim=16, depth=3, kernel_size=3, image_size=32)
+  variables = _random_variables(convmixer)
+  convert.save(variables, str(tmp_path / 'convmixer.safetensors'), 'convmixer_256_8', 'timm')
+  loaded = convert.load(str(tmp_path / 'convmixer.safetensors'), 'convmixer_256_8', dim=16, depth=3,
+                        kernel_size=3, scan_blocks=True)
+  assert loaded['batch_stats']['ConvMixerBlock']['pointwise_norm']['var'].shape == (3, 16)
+  np.testing.assert_allclose(_logits(convmixer.clone(scan_blocks=True), loaded, images),
+                             _logits(convmixer, variables, images), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- CLI and the table
 
 

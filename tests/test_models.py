@@ -10,6 +10,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from mixer_jax import models
+from mixer_jax.convert import scan
 from mixer_jax.models import davit, layers
 
 # Published parameter counts with a 1000-class head at 224 (models.md: vit_jax models_test.py, timm).
@@ -255,22 +256,72 @@ def test_mixer_blocks_move_no_activations():
   assert moves(2) == moves(5)
 
 
-@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', 'davit_tiny'])
-def test_remat_changes_memory_not_results(name):
-  """Rematerialised blocks give the same parameter tree, logits and gradients (training mode, with BatchNorm
-  updates and drop path)."""
-  plain, remat = _tiny(name), _tiny(name, remat=True)
+def _train_loss_grads_stats(model, variables, images):
+  """sum(logits^2), its gradients and the updated BatchNorm statistics, in training mode (drop path on)."""
+  def loss(params):
+    (logits, _), updated = model.apply({**variables, 'params': params}, images, train=True,
+                                       mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)})
+    return jnp.sum(logits ** 2), updated
+  (value, updated), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return value, grads, updated
+
+
+@pytest.mark.parametrize('name,policy', [('mixer_s32', True), ('convmixer_256_8', True), ('davit_tiny', True),
+                                         ('mixer_s32', 'dots'), ('davit_tiny', 'dots_no_batch')])
+def test_remat_changes_memory_not_results(name, policy):
+  """Rematerialised blocks, whatever the policy, give the same parameter tree, logits and gradients (training
+  mode, with BatchNorm updates and drop path)."""
+  plain, remat = _tiny(name), _tiny(name, remat=policy)
   variables = _init(name)
   assert jax.tree.structure(models.abstract_variables(remat)) == jax.tree.structure(variables)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  want, got = _train_loss_grads_stats(plain, variables, images), _train_loss_grads_stats(remat, variables, images)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
-  def loss_and_grads(model):
-    def loss(params):
-      logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'],
-                              rngs={'dropout': jax.random.key(2)})[0]
-      return jnp.sum(logits ** 2)
-    return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
-  (want, want_grads), (got, got_grads) = loss_and_grads(plain), loss_and_grads(remat)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_grads, want_grads)
+@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8'])
+def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
+  """scan_blocks=True (with and without remat) holds the per-block variables stacked (`convert.scan`) and gives
+  the same logits, gradients and BatchNorm updates in training mode; its logical axes gain 'layers'."""
+  variables = _init(name)
+  stacked = scan.stack(variables, name)
+  _assert_same_arrays(scan.unstack(stacked, name), variables)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  loss, grads, stats = _train_loss_grads_stats(_tiny(name), variables, images)
+  want = loss, scan.stack({'params': grads}, name)['params'], scan.stack(stats, name)
+  for remat in (False, True):
+    model = _tiny(name, scan_blocks=True, remat=remat)
+    assert jax.tree.map(jnp.shape, models.abstract_variables(model)) == jax.tree.map(jnp.shape, stacked)
+    block = scan.BLOCKS[models.family(name)]
+    assert all(spec[0] == 'layers' for spec in jax.tree.leaves(
+        models.logical_axes(model)['params'][block], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    got = _train_loss_grads_stats(model, stacked, images)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_scanned_mixer_keeps_the_stochastic_depth_schedule():
+  """Scanned blocks get their rate i/(L-1) * stoch_depth as a traced scalar: with two blocks at stoch_depth 1
+  the first never drops and the second always does, exactly as unrolled."""
+  plain = _tiny('mixer_s32', num_blocks=2, stoch_depth=1.0)
+  variables = models.init_variables(plain, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  want = _train_loss_grads_stats(plain, variables, images)
+  got = _train_loss_grads_stats(_tiny('mixer_s32', num_blocks=2, stoch_depth=1.0, scan_blocks=True),
+                                scan.stack(variables, 'mixer_s32'), images)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  assert not np.any(got[1]['MixerBlock']['channel_mixing']['Dense_0']['kernel'][1])  # dropped: no gradient
+
+
+def test_unknown_remat_policy_lists_the_policies():
+  with pytest.raises(ValueError, match=r"remat='dot': choose False, True or one of 'full', 'dots', 'dots_no_batch'"):
+    models.abstract_variables(_tiny('mixer_s32', remat='dot'))
+
+
+def test_scan_blocks_is_refused_where_blocks_differ():
+  with pytest.raises(ValueError, match="davit_tiny has no option 'scan_blocks'"):
+    models.create('davit_tiny', num_classes=5, scan_blocks=True)
+
+
+def _assert_same_arrays(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)

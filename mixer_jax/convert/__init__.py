@@ -8,6 +8,7 @@
 Formats by path: Google's Mixer `.npz` (standard and legacy layouts), timm / PyTorch `.safetensors` and
 `.pth`/`.pth.tar`/`.pt`/`.bin` (timm keys, or the official ConvMixer / DaViT layouts), and orbax checkpoint
 directories (a training workdir, or the output of `save(..., 'orbax')`). Nothing loaded ever executes code.
+Files always hold the per-block layout; `scan_blocks=True` models get it stacked (`convert.scan`).
 """
 import os
 
@@ -15,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from mixer_jax import models
-from mixer_jax.convert import files, fit, npz, resize
+from mixer_jax.convert import files, fit, npz, resize, scan
 from mixer_jax.convert.timm import from_timm, timm_layout, to_timm
 
 __all__ = ['load', 'save', 'from_timm', 'to_timm']
@@ -26,6 +27,7 @@ def tree_options(name: str, params) -> dict:
   """Model options a flax parameter tree fixes: the head's classes and a Mixer's (square) token grid and token
   MLP width."""
   options = {'num_classes': int(np.shape(params['head']['bias'])[0]) if 'head' in params else 0}
+  params = scan.unstack({'params': params}, name)['params']  # views of a scanned model's stacked arrays
   if models.family(name) == 'mixer' and 'MixerBlock_0' in params:
     (rows, _), options['tokens_mlp_dim'] = resize.mixer_token_grid(params)
     options['image_size'] = rows * np.shape(params['stem']['kernel'])[0]
@@ -45,14 +47,16 @@ def load(path: str, name: str, **overrides) -> dict:
     return from_timm(name, state_dict, **overrides)
   if fmt == 'npz' and family != 'mixer':
     raise ValueError(f'{path}: .npz checkpoints are Google\'s MLP-Mixer files; {name} is a {family}')
-  variables = {'params': npz.read(path)} if fmt == 'npz' else files.read_orbax(path)
+  variables = {'params': npz.read(path)} if fmt == 'npz' else scan.unstack(files.read_orbax(path), name)
   model = models.create(name, **{**tree_options(name, variables['params']), **overrides})
   flat = traverse_util.flatten_dict(variables, sep='/')
   return fit.fit(name, model, flat, key_of='/'.join, what=f'{os.path.basename(path.rstrip("/"))}')
 
 
 def save(variables, path: str, name: str, fmt: str) -> None:
-  """Writes variables of model `name` as `fmt`: 'npz', 'timm' (.safetensors, or .pth) or 'orbax'."""
+  """Writes variables of model `name` as `fmt`: 'npz', 'timm' (.safetensors, or .pth) or 'orbax', always in the
+  per-block layout (a scanned model's stacked blocks are split)."""
+  variables = scan.unstack(dict(variables), name)
   if fmt == 'npz':
     if models.family(name) != 'mixer':
       raise ValueError(f'.npz export is Google\'s MLP-Mixer layout; {name} is not a Mixer')

@@ -9,6 +9,7 @@ import numpy as np
 from flax import traverse_util
 
 from mixer_jax import models
+from mixer_jax.convert import scan
 
 Path = tuple[str, ...]
 
@@ -22,7 +23,9 @@ def fit(name: str, model, source: Mapping[str, Any], *, key_of: Callable[[Path],
   Raises one ValueError listing every missing, unexpected (not `ignored`) and mis-shaped key; shapes are shown
   in the source's layout (`shown_shape` maps a flax shape there).
   """
-  expected = traverse_util.flatten_dict(models.abstract_variables(model))
+  scanned = getattr(model, 'scan_blocks', False)  # checkpoints hold the per-block layout: fit that, then stack
+  expected = traverse_util.flatten_dict(models.abstract_variables(model.clone(scan_blocks=False) if scanned
+                                                                  else model))
   flat, missing, misshaped, used = {}, [], [], set()
   for path, target in expected.items():
     key = key_of(path)
@@ -41,7 +44,8 @@ def fit(name: str, model, source: Mapping[str, Any], *, key_of: Callable[[Path],
   if problems:
     raise ValueError(f'{what} does not fit {name} (num_classes={model.num_classes}, '
                      f'image_size={model.image_size}): {"; ".join(problems)}')
-  return traverse_util.unflatten_dict(flat)
+  variables = traverse_util.unflatten_dict(flat)
+  return scan.stack(variables, name) if scanned else variables
 
 
 def to_numpy(value: Any) -> np.ndarray:

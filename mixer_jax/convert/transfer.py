@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from mixer_jax import models
-from mixer_jax.convert import load, resize
+from mixer_jax.convert import load, resize, scan
 
 HEAD = ('params', 'head')
 # Options the checkpoint itself decides (its head, its grid) rather than the fine-tuning config.
@@ -24,8 +24,9 @@ _CHECKPOINT_OPTIONS = ('num_classes', 'image_size', 'tokens_mlp_dim')
 
 def pretrained(path: str, name: str, options: dict, *, image_size, resize_method: str = 'blocks'):
   """(variables, model overrides for the fine-tuned model, notes) for fine-tuning `name` at `image_size`."""
-  architecture = {k: v for k, v in options.items() if k not in _CHECKPOINT_OPTIONS + ('dtype', 'param_dtype')}
-  variables = load(path, name, **architecture)
+  architecture = {k: v for k, v in options.items()
+                  if k not in _CHECKPOINT_OPTIONS + ('dtype', 'param_dtype', 'scan_blocks')}
+  variables = load(path, name, **architecture)  # per-block layout: the resizing below works on it
   notes, overrides = [], {}
   if models.family(name) == 'mixer':
     patch = options.get('patch_size') or models.variant(name).kwargs['patch_size']
@@ -38,6 +39,8 @@ def pretrained(path: str, name: str, options: dict, *, image_size, resize_method
       notes.append(f'token mixing {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} tokens '
                    f'({resize_method}), tokens_mlp_dim {tokens_mlp_dim}')
     overrides['tokens_mlp_dim'] = resize.mixer_token_grid(variables['params'])[1]
+  if options.get('scan_blocks'):
+    variables = scan.stack(variables, name)
   return variables, overrides, notes
 
 

@@ -8,6 +8,7 @@ as in the reference (the head is not zero-initialised).
 
 Fully convolutional: any input size divisible by the patch size works with the same parameters.
 """
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ class ConvMixer(nn.Module):
   patch_size: int
   act: str = 'gelu'
   depthwise: str = 'auto'  # depthwise convolution implementation, see layers.DepthwiseConv
-  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
+  remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
+  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked, see convert.scan
   image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works
   in_channels: int = 3
   dtype: Any = jnp.float32
@@ -63,11 +65,12 @@ class ConvMixer(nn.Module):
     x = layers.conv(self.dim, (p, p), strides=(p, p), in_features=images.shape[-1], dtype=self.dtype,
                     param_dtype=self.param_dtype, name='stem')(images)
     x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, name='stem_norm')(act(x))
-    block = layers.maybe_remat(ConvMixerBlock, self.remat)
-    for i in range(self.depth):
-      x = block(self.kernel_size, self.act, self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f'ConvMixerBlock_{i}')(x, train)
-      out[f'block_{i}'] = x
+    block = functools.partial(layers.maybe_remat(ConvMixerBlock, self.remat), self.kernel_size, self.act,
+                              self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_blocks:  # no per-block `out` entries
+      x = layers.scan_blocks(block(name='ConvMixerBlock'), x, train, self.depth)
+    for i in range(0 if self.scan_blocks else self.depth):
+      x = out[f'block_{i}'] = block(name=f'ConvMixerBlock_{i}')(x, train)
     x = out['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:
       x = layers.dense(self.num_classes, ('embed', 'classes'), kernel_init=layers.torch_kernel_init,

@@ -139,7 +139,7 @@ class DaViT(nn.Module):
   act: str = 'gelu'
   depthwise: str = 'auto'  # CPE convolution implementation, see layers.DepthwiseConv
   attention_impl: str | None = None  # window attention: None (cuDNN where it applies, else XLA), 'xla', 'cudnn'
-  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
+  remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
   image_size: Any = 224  # the default input size (for init and benchmarks); any size works
   in_channels: int = 3
   dtype: Any = jnp.float32

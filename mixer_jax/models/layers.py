@@ -218,11 +218,40 @@ class MlpBlock(nn.Module):
     return layer(x.shape[0 if self.leading else -1], (hidden, outer), name='Dense_1', **kw)(y)
 
 
-def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
-  """The block class, rematerialised when `remat`: its activations are recomputed in the backward pass
-  instead of stored (less memory, about a third more compute). Parameters keep their names. Blocks take
-  `(x, train)` positionally; `train` is static (argument 2, counting self)."""
-  return nn.remat(block, static_argnums=(2,)) if remat else block
+# What a rematerialised block keeps from its forward pass for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    'full': None,  # nothing but the block's input: the whole block runs twice (least memory)
+    'dots': jax.checkpoint_policies.checkpoint_dots,  # matmul outputs; norms, activations, softmax recomputed
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also recompute attention matmuls
+}
+
+
+def maybe_remat(block: type[nn.Module], remat: bool | str) -> type[nn.Module]:
+  """The block class, rematerialised when `remat` (True = 'full', or a `REMAT_POLICIES` name): activations
+  the policy does not save are recomputed in the backward pass instead of stored (less memory, more compute).
+  Parameters keep their names. Blocks take `(x, train, *per_block)`; `train` is static (argument 2, with self)."""
+  if remat in (False, None, 'none'):
+    return block
+  policy = 'full' if remat is True else remat
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}: choose False, True or one of {", ".join(map(repr, REMAT_POLICIES))}')
+  return nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[policy])
+
+
+def scan_blocks(block: nn.Module, x: jax.Array, train: bool, depth: int, *per_block: jax.Array) -> jax.Array:
+  """`depth` copies of `block` applied in sequence as one `nn.scan`, x = block(x, train, *per_block[:, i]).
+
+  XLA compiles the block once instead of `depth` times (the compile time of deep models). Each variable of
+  the block gets a leading axis of size `depth` (logical name 'layers', replicated by the sharding rules);
+  `mixer_jax.convert.scan` moves between this layout and the published per-block one. Each block draws its own
+  parameter-init and dropout RNGs.
+  """
+  def body(block, carry, xs):
+    return block(carry, train, *xs), None
+
+  scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0}, split_rngs={'params': True, 'dropout': True},
+                 length=depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scan(block, x, per_block)[0]
 
 
 def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scale_by_keep: bool,
@@ -234,7 +263,7 @@ def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scal
   expectation during training and used as is at eval). Draws from the module's 'dropout' RNG stream, one
   draw per example along `batch_axis`.
   """
-  if not train or rate == 0.0:
+  if not train or (isinstance(rate, (int, float)) and rate == 0.0):  # a traced rate (scanned blocks) draws
     return x
   shape = [1] * x.ndim
   shape[batch_axis] = x.shape[batch_axis]

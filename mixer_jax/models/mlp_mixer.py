@@ -16,6 +16,7 @@ free 2-D views, token mixing kernel^T @ (S, B*C) and channel mixing (S*B, C) @ k
 (B, S, C) layout moves the activations twice per block (swapaxes before and after the token MLP; XLA
 materialises both as copies). The one transpose is after the stem. The `out` entries stay (B, S, C).
 """
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -30,21 +31,20 @@ class MixerBlock(nn.Module):
   tokens_mlp_dim: int
   channels_mlp_dim: int
   act: str
-  drop_p: float
   dtype: Any
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    """x: token-major tokens (S, B, C)."""
+  def __call__(self, x, train: bool, drop_p):
+    """x: token-major tokens (S, B, C); drop_p: this block's stochastic depth rate (a scalar array when scanned)."""
     mlp = dict(act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
     drop = dict(train=train, module=self, scale_by_keep=False, batch_axis=1)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
     y = layers.MlpBlock(self.tokens_mlp_dim, ('tokens', 'token_mlp'), leading=True, name='token_mixing', **mlp)(y)
-    x = x + layers.drop_path(y, self.drop_p, **drop)
+    x = x + layers.drop_path(y, drop_p, **drop)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
     y = layers.MlpBlock(self.channels_mlp_dim, ('embed', 'mlp'), name='channel_mixing', **mlp)(y)
-    return x + layers.drop_path(y, self.drop_p, **drop)
+    return x + layers.drop_path(y, drop_p, **drop)
 
 
 class MlpMixer(nn.Module):
@@ -59,7 +59,8 @@ class MlpMixer(nn.Module):
   in_channels: int = 3
   act: str = 'gelu_tanh'
   stoch_depth: float = 0.0
-  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
+  remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
+  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; parameters stacked, see convert.scan
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -87,11 +88,13 @@ class MlpMixer(nn.Module):
     out['stem'] = x
     x = out['input_tokens'] = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major over the patch grid
     x = jnp.swapaxes(x, 0, 1)  # token-major (S, B, C), see the module docstring
-    block = layers.maybe_remat(MixerBlock, self.remat)
-    for i in range(self.num_blocks):
-      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, self.act,
-                drop_p=i / max(self.num_blocks - 1, 1) * self.stoch_depth,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f'MixerBlock_{i}')(x, train)
+    block = functools.partial(layers.maybe_remat(MixerBlock, self.remat), self.tokens_mlp_dim,
+                              self.channels_mlp_dim, self.act, dtype=self.dtype, param_dtype=self.param_dtype)
+    rates = [i / max(self.num_blocks - 1, 1) * self.stoch_depth for i in range(self.num_blocks)]
+    if self.scan_blocks:  # no per-block `out` entries
+      x = layers.scan_blocks(block(name='MixerBlock'), x, train, self.num_blocks, jnp.asarray(rates, jnp.float32))
+    for i in range(0 if self.scan_blocks else self.num_blocks):
+      x = block(name=f'MixerBlock_{i}')(x, train, rates[i])
       out[f'block_{i}'] = jnp.swapaxes(x, 0, 1)  # unused entries cost nothing under jit
     x = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='pre_head_layer_norm')(x)
     x = out['pre_logits'] = jnp.mean(x, axis=0)
