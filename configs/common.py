@@ -12,6 +12,9 @@ import ast
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from mixer_jax import models
+from mixer_jax.convert import scan
+
 # Logical parameter axes (mixer_jax/models/layers.py) -> mesh axes ('data', 'fsdp', 'model'). A parameter
 # dimension is sharded over the mesh axes of its logical name when its size divides; otherwise it is
 # replicated. With mesh (-1, 1, 1) everything is replicated (pure data parallelism); a larger `fsdp` axis shards
@@ -32,6 +35,16 @@ def _durations(config: ConfigDict, name: str, **value):
   for unit in DURATION_UNITS:
     kind = float if unit == 'epochs' else int
     setattr(config, f'{name}_{unit}', value.get(unit, placeholder(kind)))
+
+
+def model_config(name: str, **options) -> dict:
+  """`config.model` of a recipe: the model `name`, its `options`, and the speed and memory switches declared so
+  the command line can set them: `--config.model.remat=full|dots|dots_no_batch` (layers.REMAT_POLICIES) and,
+  for the families whose blocks are identical, `--config.model.scan_blocks=True`."""
+  switches = {'remat': 'none'}
+  if models.family(name) in scan.BLOCKS:
+    switches['scan_blocks'] = False
+  return dict(name=name, **switches, **options)
 
 
 def base_config() -> ConfigDict:

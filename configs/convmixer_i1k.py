@@ -23,7 +23,7 @@ def get_config(arg=None):
   if a.variant not in EPOCHS:
     raise ValueError(f'unknown ConvMixer variant {a.variant!r}; choose one of {", ".join(EPOCHS)}')
   c = common.base_config()
-  c.model = dict(name=f'convmixer_{a.variant}', dtype='bfloat16')
+  c.model = common.model_config(f'convmixer_{a.variant}', dtype='bfloat16')
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train'

@@ -23,7 +23,7 @@ def get_config(arg=None):
   if a.variant not in DROP_PATH:
     raise ValueError(f'unknown DaViT recipe variant {a.variant!r}; choose one of {", ".join(DROP_PATH)}')
   c = common.base_config()
-  c.model = dict(name=f'davit_{a.variant}', drop_path_rate=DROP_PATH[a.variant], dtype='bfloat16')
+  c.model = common.model_config(f'davit_{a.variant}', drop_path_rate=DROP_PATH[a.variant], dtype='bfloat16')
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train'

@@ -52,7 +52,7 @@ def get_config(arg=None):
   eval_pp = f'decode|resize({a.res})|{values}|{labels}'
 
   c = common.base_config()
-  c.model = dict(name=a.model, image_size=a.res, dtype='bfloat16')
+  c.model = common.model_config(a.model, image_size=a.res, dtype='bfloat16')
   c.init = a.init
   c.init_resize = a.resize
   c.num_classes = classes

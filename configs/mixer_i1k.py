@@ -20,7 +20,7 @@ from mixer_jax.data import presets
 def get_config(arg=None):
   a = common.parse_arg(arg, variant='b16', epochs=300.0, batch_size=4096)
   c = common.base_config()
-  c.model = dict(name=f'mixer_{a.variant}', stoch_depth=0.1, dtype='bfloat16')
+  c.model = common.model_config(f'mixer_{a.variant}', stoch_depth=0.1, dtype='bfloat16')
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train[:99%]'

@@ -26,7 +26,7 @@ def get_config(arg=None):
   magnitude, mixup = AUGMENT.get(a.variant[0], AUGMENT['b'])
   labels = f'onehot({a.num_classes}, key="label", key_result="labels")|keep("image", "labels")'
   c = common.base_config()
-  c.model = dict(name=f'mixer_{a.variant}', stoch_depth=0.1, dtype='bfloat16')
+  c.model = common.model_config(f'mixer_{a.variant}', stoch_depth=0.1, dtype='bfloat16')
   c.num_classes = a.num_classes
   c.input.dataset = f'imagefolder:{a.data}'
   c.input.split = 'train'

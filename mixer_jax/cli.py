@@ -18,12 +18,16 @@ def quiet_library_logs(handler: logging.Handler) -> None:
 
 
 def parse_options(text: str, what: str = 'options') -> dict:
-  """'key=value,...' with Python literals where they parse (numbers, tuples, booleans), strings otherwise."""
+  """'key=value,...' with Python literals where they parse (numbers, tuples, booleans, also as true/false),
+  strings otherwise."""
   options = {}
   for pair in filter(None, text.split(',')):
     key, sep, value = pair.partition('=')
     if not sep:
       raise ValueError(f'{what}: {pair!r} is not key=value')
+    if value.lower() in ('true', 'false'):  # the string 'false' would be truthy
+      options[key] = value.lower() == 'true'
+      continue
     try:
       options[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
