@@ -1,9 +1,10 @@
 """Building blocks shared by several model families.
 
 Owns: parameter declaration with logical axis names (every parameter of every model is created through
-`dense`, `conv`, `layer_norm` or `batch_norm` here), activations by name, the two MLP-style blocks, stochastic
-depth, and the PyTorch-default initialisers the ConvMixer and DaViT references use. It must not know about any
-particular family.
+`dense`, `LeadingDense`, `conv`, `DepthwiseConv`, `layer_norm` or `batch_norm` here), activations by name, the
+two MLP-style blocks, stochastic depth, how blocks are repeated (`maybe_remat` policies, `scan_blocks`), and the
+PyTorch-default initialisers the ConvMixer and DaViT references use. It must not know about any particular
+family.
 
 Logical axis names (mapped to mesh axes by the sharding rules in the config):
   'embed'     model width of the residual stream (Mixer C, ConvMixer h, DaViT C_s)
@@ -12,6 +13,7 @@ Logical axis names (mapped to mesh axes by the sharding rules in the config):
   'heads'     attention output width (q/k/v and heads, DaViT)
   'classes'   classifier outputs
   'conv_height', 'conv_width', 'conv_in'   spatial kernel axes and input channels of a convolution
+  'layers'    the stacked block axis of `scan_blocks` (no rule: replicated)
 """
 from typing import Any, Callable, Sequence
 
@@ -254,7 +256,7 @@ def scan_blocks(block: nn.Module, x: jax.Array, train: bool, depth: int, *per_bl
   return scan(block, x, per_block)[0]
 
 
-def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scale_by_keep: bool,
+def drop_path(x: jax.Array, rate: float | jax.Array | None, *, train: bool, module: nn.Module, scale_by_keep: bool,
               batch_axis: int = 0) -> jax.Array:
   """Stochastic depth on a residual branch: zero the whole branch for a random subset of examples.
 
@@ -263,7 +265,7 @@ def drop_path(x: jax.Array, rate: float, *, train: bool, module: nn.Module, scal
   expectation during training and used as is at eval). Draws from the module's 'dropout' RNG stream, one
   draw per example along `batch_axis`.
   """
-  if not train or (isinstance(rate, (int, float)) and rate == 0.0):  # a traced rate (scanned blocks) draws
+  if not train or rate is None or (isinstance(rate, (int, float)) and rate == 0.0):  # an array rate draws
     return x
   shape = [1] * x.ndim
   shape[batch_axis] = x.shape[batch_axis]

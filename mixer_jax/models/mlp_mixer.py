@@ -35,8 +35,9 @@ class MixerBlock(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, train: bool, drop_p):
-    """x: token-major tokens (S, B, C); drop_p: this block's stochastic depth rate (a scalar array when scanned)."""
+  def __call__(self, x, train: bool, drop_p=None):
+    """x: token-major tokens (S, B, C); drop_p: this block's stochastic depth rate (a scalar array when scanned,
+    None for none: remat turns even a Python 0.0 into an array, which would draw from the 'dropout' RNG)."""
     mlp = dict(act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
     drop = dict(train=train, module=self, scale_by_keep=False, batch_axis=1)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
@@ -90,9 +91,10 @@ class MlpMixer(nn.Module):
     x = jnp.swapaxes(x, 0, 1)  # token-major (S, B, C), see the module docstring
     block = functools.partial(layers.maybe_remat(MixerBlock, self.remat), self.tokens_mlp_dim,
                               self.channels_mlp_dim, self.act, dtype=self.dtype, param_dtype=self.param_dtype)
-    rates = [i / max(self.num_blocks - 1, 1) * self.stoch_depth for i in range(self.num_blocks)]
+    rates = [i / max(self.num_blocks - 1, 1) * self.stoch_depth or None for i in range(self.num_blocks)]
     if self.scan_blocks:  # no per-block `out` entries
-      x = layers.scan_blocks(block(name='MixerBlock'), x, train, self.num_blocks, jnp.asarray(rates, jnp.float32))
+      per_block = (jnp.asarray([r or 0.0 for r in rates], jnp.float32),) if self.stoch_depth else ()
+      x = layers.scan_blocks(block(name='MixerBlock'), x, train, self.num_blocks, *per_block)
     for i in range(0 if self.scan_blocks else self.num_blocks):
       x = block(name=f'MixerBlock_{i}')(x, train, rates[i])
       out[f'block_{i}'] = jnp.swapaxes(x, 0, 1)  # unused entries cost nothing under jit
