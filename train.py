@@ -30,11 +30,14 @@ flags.adopt_module_key_flags(cli)
 def parse_flags(argv):
   """absl flag parsing, with config mistakes reported on one line instead of a stack."""
   try:
-    argv = FLAGS(argv)
+    remaining = FLAGS(argv)
     FLAGS.config.keys()  # ml_collections defers a failure to load the file until first use
-    return argv
-  except IOError as error:
-    sys.exit(f'error: cannot load {FLAGS["config"].serialize()}: {str(error).splitlines()[-1].strip()}')
+    return remaining
+  except IOError as error:  # a missing recipe file, or its get_config failing (e.g. a missing image folder)
+    given = next((arg.partition('=')[2] for arg in reversed(argv) if arg.startswith('--config=')), 'the --config')
+    reason = str(error).splitlines()[-1].strip().removeprefix(
+        'Configuration is not available because of an earlier failure to load: ')
+    sys.exit(f'error: cannot load {given}: {reason}')
   except flags.Error as error:  # a malformed value, or an error raised by the recipe's get_config
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     sys.exit(f'error: {lines[-1] if "Traceback" in str(error) else lines[0]}')

@@ -315,7 +315,7 @@ def test_scanned_mixer_keeps_the_stochastic_depth_schedule():
 
 
 def test_unknown_remat_policy_lists_the_policies():
-  with pytest.raises(ValueError, match=r"remat='dot': choose False, True or one of 'full', 'dots', 'dots_no_batch'"):
+  with pytest.raises(ValueError, match=r"remat='dot': choose 'none', 'full', 'dots', 'dots_no_batch' \(or False, True\)"):
     models.abstract_variables(_tiny('mixer_s32', remat='dot'))
 
 

@@ -211,6 +211,9 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     ('--config.input.batch_size=abc', 'error: flag --config.input.batch_size=abc: invalid literal for int()'),
     ('--config.mesh.shape=(3,1,1)', 'error: mesh shape (3, 1, 1) needs 3 devices but 2 are available'),
     ('--config.input.batch_size=33', 'error: batch_size 33 is not divisible by the 2 data-parallel devices'),
+    ('--config=configs/finetune.py:model=mixer_s32,dataset=imagefolder:/nonexistent',  # get_config raises
+     'error: cannot load configs/finetune.py:model=mixer_s32,dataset=imagefolder:/nonexistent: image folder '
+     '/nonexistent does not exist'),
 ])
 def test_bad_config_fails_with_one_line(data_dir, tmp_path, override, message):
   run = _train_py(tmp_path, data_dir, 2, override, stdout=subprocess.PIPE,

@@ -236,7 +236,7 @@ def maybe_remat(block: type[nn.Module], remat: bool | str) -> type[nn.Module]:
     return block
   policy = 'full' if remat is True else remat
   if policy not in REMAT_POLICIES:
-    raise ValueError(f'remat={remat!r}: choose False, True or one of {", ".join(map(repr, REMAT_POLICIES))}')
+    raise ValueError(f"remat={remat!r}: choose 'none', {', '.join(map(repr, REMAT_POLICIES))} (or False, True)")
   return nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[policy])
 
 
