@@ -259,6 +259,7 @@ def model_benchmark(name: str, *, mode: str = 'train', batch: int = 32, res: int
   xla, analytic = step.xla_flops_per_image(), flops.flops_per_image(step.model, mode)
   scanned = getattr(step.model, 'scan_blocks', False)  # XLA's cost analysis counts a loop body once
   images_per_s = batch / step_s
+  mfu = lambda flops_per_image: images_per_s * flops_per_image / (peak * 1e12 * devices) if peak else None
   row = dict(model=name, mode=mode, batch=batch, res=models.input_shape(step.model)[1], dtype=dtype,
              devices=devices, device_kind=kind, mesh=dict(step.mesh.shape),
              recipe=recipe or RECIPES[models.family(name)], step_s=step_s, step_s_repeats=times,
@@ -266,8 +267,7 @@ def model_benchmark(name: str, *, mode: str = 'train', batch: int = 32, res: int
              xla_gflops_per_image=xla / 1e9, analytic_gflops_per_image=analytic / 1e9,
              xla_over_analytic=xla / analytic, peak_tflops_per_device=peak,
              mfu_flops='analytic' if scanned else 'xla',
-             mfu=images_per_s * (analytic if scanned else xla) / (peak * 1e12 * devices) if peak else None,
-             mfu_analytic=images_per_s * analytic / (peak * 1e12 * devices) if peak else None,
+             mfu=mfu(analytic if scanned else xla), mfu_analytic=mfu(analytic),
              compile_s=step.compile_s, **trainer.memory_usage(step.compiled))
   if plain:
     row.update(plain, step_over_baseline=step_s / plain['baseline_step_s'])

@@ -27,10 +27,11 @@ def tree_options(name: str, params) -> dict:
   """Model options a flax parameter tree fixes: the head's classes and a Mixer's (square) token grid and token
   MLP width."""
   options = {'num_classes': int(np.shape(params['head']['bias'])[0]) if 'head' in params else 0}
-  params = scan.unstack({'params': params}, name)['params']  # views of a scanned model's stacked arrays
-  if models.family(name) == 'mixer' and 'MixerBlock_0' in params:
-    (rows, _), options['tokens_mlp_dim'] = resize.mixer_token_grid(params)
-    options['image_size'] = rows * np.shape(params['stem']['kernel'])[0]
+  if models.family(name) == 'mixer':
+    params = scan.unstack({'params': params}, name)['params']  # a scanned model's blocks, split
+    if 'MixerBlock_0' in params:
+      (rows, _), options['tokens_mlp_dim'] = resize.mixer_token_grid(params)
+      options['image_size'] = rows * np.shape(params['stem']['kernel'])[0]
   return options
 
 
