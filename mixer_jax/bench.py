@@ -10,8 +10,8 @@ timed repeat runs `--steps` steps and blocks on the result, and the median repea
 images/s x FLOPs per image / peak FLOP/s, with the FLOPs from XLA's cost analysis of the compiled step (the
 analytic count of `mixer_jax.flops` beside it; for `scan_blocks=True` the analytic count, as XLA counts a loop
 body once) and the peak from `PEAK_TFLOPS` or `--peak_tflops`.
-`--baseline` also times a plain jit of the bare linen model + the same optax optimizer (`plain_train_step`)
-and reports our step time over its. The logic is `model_benchmark()`; rows print as a table and, with
+`--baseline` also times a plain jit of the bare linen model + the same optax optimizer (`plain_train_step`),
+its repeats taking turns with ours, and reports our step time over its. The logic is `model_benchmark()`; rows print as a table and, with
 `--jsonl`, append as JSON lines.
 
 `input`: writes synthetic photo-like JPEGs of ImageNet-like sizes (about 100 KB each, as ImageNet's ~110 KB
@@ -136,18 +136,25 @@ def bench_config(name: str, *, batch: int, res: int | None = None, dtype: str = 
   return c
 
 
-def _time_calls(call, *, steps: int, repeats: int, warmup: int) -> list[float]:
-  """Seconds per call of each repeat of `steps` calls; `call()` must return what to block on."""
+def _time_calls(calls: dict[str, Callable[[], Any]], *, steps: int, repeats: int,
+                warmup: int) -> dict[str, list[float]]:
+  """Seconds per call of each repeat of `steps` calls, for each of `calls` (which return what to block on).
+
+  The calls take turns repeat by repeat, so that a drift in the machine's speed (other load, the allocator's
+  state) reaches each of them alike.
+  """
   import jax
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  times = []
+  for call in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  times = {name: [] for name in calls}
   for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      out = call()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / steps)
+    for name, call in calls.items():
+      start = time.perf_counter()
+      for _ in range(steps):
+        out = call()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / steps)
   return times
 
 
@@ -249,9 +256,11 @@ def model_benchmark(name: str, *, mode: str = 'train', batch: int = 32, res: int
     raise ValueError('--baseline compares train steps: use it with --mode train')
   step = compile_step(name, mode=mode, batch=batch, res=res, dtype=dtype, recipe=recipe, mesh_shape=mesh_shape,
                       model_options=model_options)
-  # the baseline reads the initial state, which the first donated train step consumes
-  plain = _baseline(step, steps=steps, repeats=repeats, warmup=warmup) if baseline else {}
-  times = _time_calls(step.call, steps=steps, repeats=repeats, warmup=warmup)
+  calls = {'step': step.call}
+  if baseline:  # built before our first step, which consumes (donates) the initial state the baseline copies
+    calls['baseline'], baseline_compile_s = _baseline(step)
+  all_times = _time_calls(calls, steps=steps, repeats=repeats, warmup=warmup)
+  times = all_times['step']
   step_s = float(np.median(times))
   devices = step.mesh.devices.size
   kind = step.mesh.devices.flat[0].device_kind
@@ -269,13 +278,16 @@ def model_benchmark(name: str, *, mode: str = 'train', batch: int = 32, res: int
              mfu_flops='analytic' if scanned else 'xla',
              mfu=mfu(analytic if scanned else xla), mfu_analytic=mfu(analytic),
              compile_s=step.compile_s, **trainer.memory_usage(step.compiled))
-  if plain:
-    row.update(plain, step_over_baseline=step_s / plain['baseline_step_s'])
+  if baseline:
+    baseline_s = float(np.median(all_times['baseline']))
+    row.update(baseline_step_s=baseline_s, baseline_step_s_repeats=all_times['baseline'],
+               baseline_compile_s=baseline_compile_s, step_over_baseline=step_s / baseline_s)
   return row
 
 
-def _baseline(step: Step, *, steps: int, repeats: int, warmup: int) -> dict:
-  """Times `plain_train_step` on the default device with the same model, optimizer, initial state and batch."""
+def _baseline(step: Step) -> tuple[Callable[[], Any], float]:
+  """`plain_train_step` on the default device with the same model, optimizer, initial state and batch: a call
+  that runs one step, and its compile time."""
   import jax
   params, batch_stats = jax.device_get(step.state.params), jax.device_get(step.state.batch_stats)
   opt_state, rng = step.tx.init(params), jax.random.PRNGKey(1)
@@ -288,8 +300,7 @@ def _baseline(step: Step, *, steps: int, repeats: int, warmup: int) -> dict:
     nonlocal params, opt_state, batch_stats
     params, opt_state, batch_stats, loss = plain(params, opt_state, batch_stats, images, labels, rng)
     return loss
-  times = _time_calls(call, steps=steps, repeats=repeats, warmup=warmup)
-  return dict(baseline_step_s=float(np.median(times)), baseline_compile_s=compile_s)
+  return call, compile_s
 
 
 _COLUMNS = (  # header, key, format

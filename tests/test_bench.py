@@ -29,8 +29,17 @@ def test_model_benchmark_writes_a_table_and_json_lines(tmp_path, capsys):
     assert row['host_peak_gib'] > 0 and row['step_gib'] > 0
   train, infer = rows
   assert train['step_over_baseline'] == pytest.approx(train['step_s'] / train['baseline_step_s'])
+  assert len(train['baseline_step_s_repeats']) == 2
   assert 'baseline_step_s' not in infer
   assert train['analytic_gflops_per_image'] == pytest.approx(3 * infer['analytic_gflops_per_image'])
+
+
+def test_timed_calls_take_turns():
+  calls = []
+  times = bench._time_calls({'ours': lambda: calls.append('ours'), 'plain': lambda: calls.append('plain')},
+                            steps=2, repeats=2, warmup=1)
+  assert calls == ['ours', 'plain'] + ['ours', 'ours', 'plain', 'plain'] * 2
+  assert [len(t) for t in times.values()] == [2, 2]
 
 
 def test_peak_override_gives_mfu(capsys):
