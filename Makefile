@@ -1,14 +1,13 @@
-# Every target sets up what it needs first (.venv from the pinned requirements, the Debian Fashion-MNIST
-# package), so a fresh clone needs only python3 and make.
+# Every target sets up what it needs first (.venv from the pinned requirements, the Debian packages below), so a
+# fresh clone needs only python3 and make.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # 8 simulated CPU devices, so that sharding is exercised without accelerators (see tests/conftest.py).
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 
-.PHONY: bench quickstart test venv fashion-mnist
+.PHONY: bench quickstart test venv debian-packages
 
 venv: $(VENV)/.runtime
 
@@ -22,20 +21,25 @@ $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# The real Fashion-MNIST (the offline default dataset) from Debian's dataset-fashion-mnist package.
-fashion-mnist:
-	@if [ -f $(FASHION_MNIST) ]; then :; \
+# Debian packages: the real Fashion-MNIST (the offline default dataset) and tcmalloc, which train.py, eval.py and
+# the benchmark preload (mixer_jax/cli.py: under glibc's malloc every XLA:CPU step page-faults its temporaries).
+DEBIAN_PACKAGES := dataset-fashion-mnist libtcmalloc-minimal4
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
+	  apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; \
 	else \
-	  echo "Fashion-MNIST is not installed: run 'sudo apt-get install dataset-fashion-mnist' (continuing without it)"; \
+	  echo "not installed: run 'sudo apt-get install" $$missing"' (continuing without them)"; \
 	fi
 
-test: $(VENV)/.installed fashion-mnist
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+# pytest cannot restart itself under tcmalloc as the tools do, so it starts under it.
+test: $(VENV)/.installed debian-packages
+	$(TEST_ENV) LD_PRELOAD="$$($(PY) -c 'from mixer_jax import cli; print(cli.find_tcmalloc() or "")')" \
+	  $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy.
-quickstart: $(VENV)/.runtime fashion-mnist
+quickstart: $(VENV)/.runtime debian-packages
 	$(PY) train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 # Step speed of every family's flagship variants on this machine's devices (BENCHMARKS.md): tables on stdout,
@@ -45,7 +49,7 @@ quickstart: $(VENV)/.runtime fashion-mnist
 #   make bench BENCH="--mode train,infer --batch 256 --dtype bfloat16" CONVMIXER_BENCH="--mode train,infer --batch 128 --dtype bfloat16"
 BENCH ?= --mode train,infer --batch 4 --steps 2 --repeats 3 --warmup 1 --baseline
 CONVMIXER_BENCH ?= --model_options depthwise=conv --mode infer --batch 4 --steps 2 --repeats 3 --warmup 1
-bench: $(VENV)/.runtime
+bench: $(VENV)/.runtime debian-packages
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mixer_jax.bench model --model mixer_b16,mixer_l16,davit_tiny,davit_base \
 	  $(BENCH) --jsonl bench.jsonl
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mixer_jax.bench model --model convmixer_768_32,convmixer_1536_20 \

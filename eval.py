@@ -142,4 +142,5 @@ def evaluate_checkpoint() -> dict:
 
 
 if __name__ == '__main__':
+  cli.preload_tcmalloc()
   app.run(main)

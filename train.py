@@ -64,4 +64,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.preload_tcmalloc()
   app.run(main, flags_parser=parse_flags)

@@ -30,6 +30,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from mixer_jax import cli
+
 # (height, width) of common ImageNet photos: 500 x 375 / 333 at both orientations dominate; mean ~400 x 350.
 IMAGENET_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 500), (300, 400), (480, 640))
 DEFAULT_PP = 'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)|onehot(1000)'
@@ -328,7 +330,7 @@ def table_header() -> str:
 
 def _run_model(args):
   import json
-  from mixer_jax import cli, models
+  from mixer_jax import models
   names = args.model.split(',')
   for name in names:
     models.variant(name)  # an unknown name fails before anything is compiled, listing the known ones
@@ -382,9 +384,9 @@ def main(argv=None):
   _add_model_parser(subparsers)
   _add_input_parser(subparsers)
   args = parser.parse_args(argv)
-  from mixer_jax import cli
   cli.run(lambda: args.run(args))
 
 
 if __name__ == '__main__':
+  cli.preload_tcmalloc()
   main()

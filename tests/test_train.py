@@ -13,7 +13,7 @@ from flax import traverse_util
 
 import fake_data
 from configs import quickstart
-from mixer_jax import checkpoint, data, models, optim, sharding, trainer
+from mixer_jax import checkpoint, cli, data, models, optim, sharding, trainer
 from mixer_jax.data import fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,3 +238,15 @@ def test_train_accuracy_counts_the_dominant_label_under_smoothing(data_dir):
   _, metrics = trainer.make_train_step(model, tx, lr_fn, config, mesh, shardings)(
       state, sharding.global_batch(batch, mesh))
   assert float(metrics['accuracy']) == pytest.approx(float((batch['labels'].argmax(-1) == 0).mean()))
+
+
+@pytest.mark.skipif(cli.find_tcmalloc() is None, reason='tcmalloc is not installed (make test installs '
+                    'libtcmalloc-minimal4 when run as root)')
+def test_commands_restart_under_tcmalloc():
+  """What train.py, eval.py and the benchmark call first: a restart with tcmalloc preloaded, unless opted out."""
+  show_maps = 'from mixer_jax import cli; cli.preload_tcmalloc(); print(open("/proc/self/maps").read())'
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MIXER_JAX_MALLOC')}
+  maps = lambda **extra: subprocess.run([sys.executable, '-c', show_maps], cwd=REPO, env=dict(env, **extra),
+                                        capture_output=True, text=True, check=True).stdout
+  assert cli.find_tcmalloc() in maps()
+  assert 'libtcmalloc' not in maps(MIXER_JAX_MALLOC='system')
