@@ -11,8 +11,8 @@ images/s x FLOPs per image / peak FLOP/s, with the FLOPs from XLA's cost analysi
 analytic count of `mixer_jax.flops` beside it; for `scan_blocks=True` the analytic count, as XLA counts a loop
 body once) and the peak from `PEAK_TFLOPS` or `--peak_tflops`.
 `--baseline` also times a plain jit of the bare linen model + the same optax optimizer (`plain_train_step`),
-its repeats taking turns with ours, and reports our step time over its. The logic is `model_benchmark()`; rows print as a table and, with
-`--jsonl`, append as JSON lines.
+its repeats taking turns with ours, and reports our step time over its. The logic is `model_benchmark()`; rows
+print as a table and, with `--jsonl`, append as JSON lines.
 
 `input`: writes synthetic photo-like JPEGs of ImageNet-like sizes (about 100 KB each, as ImageNet's ~110 KB
 average) to a temporary image folder, runs the train pipeline (`mixer_jax.data.train_iter`) over them and prints
