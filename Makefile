@@ -33,10 +33,8 @@ debian-packages:
 	  echo "not installed: run 'sudo apt-get install" $$missing"' (continuing without them)"; \
 	fi
 
-# pytest cannot restart itself under tcmalloc as the tools do, so it starts under it.
 test: $(VENV)/.installed debian-packages
-	$(TEST_ENV) LD_PRELOAD="$$($(PY) -c 'from mixer_jax import cli; print(cli.find_tcmalloc() or "")')" \
-	  $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy.
 quickstart: $(VENV)/.runtime debian-packages
