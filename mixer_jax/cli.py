@@ -1,4 +1,4 @@
-"""What the command-line tools (train.py, eval.py, python -m mixer_jax.convert) share: quiet library logs,
+"""What the command-line tools (train.py, eval.py, python -m mixer_jax.convert / .bench) share: quiet library logs,
 `key=value,...` option strings, user errors reported on one line, tcmalloc, multi-process start-up."""
 import ast
 import glob
