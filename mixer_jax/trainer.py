@@ -76,11 +76,21 @@ def state_shardings(model, tx, mesh, rules):
   optimizer-state leaves like the parameter they belong to, everything else replicated."""
   abstract = models.abstract_variables(model)
   param_sh = sharding.tree_shardings(models.logical_axes(model)['params'], abstract['params'], mesh, rules)
-  by_path = {_path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  by_path = {_path_keys(p): (x.shape, s) for (p, s), x in zip(jax.tree_util.tree_flatten_with_path(param_sh)[0],
+                                                               jax.tree.leaves(abstract['params']))}
+
+  def like_its_parameter(path, x):
+    # An optimizer-state leaf's path ends with its parameter's (optax nests it under labels such as
+    # multi_transform's 'train'): the longest such suffix with the parameter's shape.
+    keys = _path_keys(path)
+    for i in range(len(keys)):
+      shape, spec = by_path.get(keys[i:], (None, None))
+      if shape == x.shape:
+        return spec
+    return sharding.replicated(mesh)
+
   opt_shapes = jax.eval_shape(tx.init, abstract['params'])
-  opt_sh = jax.tree_util.tree_map_with_path(
-      lambda p, x: by_path.get(_path_keys(p), sharding.replicated(mesh)) if x.ndim else sharding.replicated(mesh),
-      opt_shapes)
+  opt_sh = jax.tree_util.tree_map_with_path(like_its_parameter, opt_shapes)
   rep = sharding.replicated(mesh)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract['params'], opt_state=opt_shapes,
                       batch_stats=abstract.get('batch_stats', {}), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))

@@ -129,6 +129,22 @@ def test_tiny_model_learns_the_training_set(data_dir, tmp_path):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
 
 
+def test_fsdp_shards_the_optimizer_state_like_the_parameters():
+  """Adam's moments sit under optax labels ('train' of multi_transform) yet take their parameter's sharding: under
+  FSDP each device holds 1/N of them too (they were once left whole on every device)."""
+  config = tiny_config(None, 'mixer')
+  model = trainer.build_model(config)
+  tx, _ = optim.make(config, models.abstract_variables(model)['params'], total_steps=10, warmup_steps=1)
+  mesh = sharding.make_mesh((1, 8, 1), devices=jax.devices())
+  _, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  kernel = ('MixerBlock_0', 'channel_mixing', 'Dense_0', 'kernel')
+  spec = shardings.params[kernel[0]][kernel[1]][kernel[2]][kernel[3]].spec
+  assert spec == jax.sharding.PartitionSpec('fsdp', None)
+  moments = [s.spec for path, s in jax.tree_util.tree_flatten_with_path(shardings.opt_state)[0]
+             if tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))[-4:] == kernel]
+  assert moments == [spec, spec]  # mu and nu
+
+
 def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
   config = tiny_config(data_dir, 'mixer')
   model = trainer.build_model(config)
