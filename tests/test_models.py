@@ -1,6 +1,5 @@
 """Model registry, parameter counts, shapes, parameter trees and options (no full-size compile)."""
 import functools
-import re
 
 import numpy as np
 import pytest
@@ -171,12 +170,6 @@ def test_drop_path_scaling_conventions():
     np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, kept_value], rtol=1e-6)
     assert abs(float((y[:, 0] == 0).mean()) - 0.25) < 0.03
     assert np.all(y[:, :1] == y)  # one decision per example
-  # token-major activations (Mixer blocks: (S, B, C)) drop along their batch axis with the same draws
-  by_axis = {axis: module.apply({}, x if axis == 0 else x.T, rngs={'dropout': jax.random.key(0)}, method=lambda m, x:
-                                layers.drop_path(x, 0.25, train=True, module=m, scale_by_keep=True, batch_axis=axis))
-             for axis in (0, 1)}
-  np.testing.assert_array_equal(by_axis[1], by_axis[0].T)
-  np.testing.assert_array_equal(by_axis[0], y)
   assert layers.drop_path(x, 0.25, train=False, module=None, scale_by_keep=True) is x
 
 
@@ -220,40 +213,6 @@ def test_depthwise_shift_and_add_equals_grouped_convolution(kernel_size, dtype):
   reference = jax.eval_shape(lambda: nn.meta.unbox(nn.Conv(8, (kernel_size,) * 2, feature_group_count=8).init(
       jax.random.key(1), x)))
   assert jax.tree.map(lambda a: a.shape, reference) == jax.tree.map(lambda a: a.shape, variables)
-
-
-def test_leading_dense_is_dense_over_the_leading_axis():
-  """Values, gradients (its hand-written VJP) and parameters of `LeadingDense` equal those of `dense` applied to
-  the leading axis moved last."""
-  x = jax.random.normal(jax.random.key(0), (6, 3, 5))
-  lead = layers.LeadingDense(4, ('tokens', 'token_mlp'), dtype=jnp.float32, param_dtype=jnp.float32)
-  dense = layers.dense(4, ('tokens', 'token_mlp'), dtype=jnp.float32, param_dtype=jnp.float32)
-  variables = nn.meta.unbox(lead.init(jax.random.key(1), x))
-  variables['params']['bias'] = jax.random.normal(jax.random.key(2), (4,))
-  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, nn.meta.unbox(
-      jax.eval_shape(dense.init, jax.random.key(1), jnp.moveaxis(x, 0, -1))))
-  weights = jax.random.normal(jax.random.key(3), (4, 3, 5))
-
-  def loss(variables, x, leading):
-    y = lead.apply(variables, x) if leading else jnp.moveaxis(dense.apply(variables, jnp.moveaxis(x, 0, -1)), -1, 0)
-    return jnp.sum(jnp.sin(y) * weights)
-
-  want = jax.value_and_grad(loss, argnums=(0, 1))(variables, x, False)
-  got = jax.value_and_grad(loss, argnums=(0, 1))(variables, x, True)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
-
-
-def test_mixer_blocks_move_no_activations():
-  """Token-major Mixer blocks: the compiled forward pass has the same number of transposes and copies whatever
-  the depth (only the stem's tokens are transposed), where swapaxes around the token MLP adds two per block."""
-  def moves(num_blocks):
-    model = _tiny('mixer_s32', num_blocks=num_blocks)
-    variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
-    logits = jax.jit(lambda v, x: model.apply(v, x)[0])  # the `out` entries are (B, S, C) copies
-    hlo = logits.lower(variables, jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)).compile().as_text()
-    return len(re.findall(r' (?:transpose|copy)\(', hlo))
-
-  assert moves(2) == moves(5)
 
 
 def _train_loss_grads_stats(model, variables, images):

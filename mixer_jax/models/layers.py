@@ -1,7 +1,7 @@
 """Building blocks shared by several model families.
 
 Owns: parameter declaration with logical axis names (every parameter of every model is created through
-`dense`, `LeadingDense`, `conv`, `DepthwiseConv`, `layer_norm` or `batch_norm` here), activations by name, the
+`dense`, `conv`, `DepthwiseConv`, `layer_norm` or `batch_norm` here), activations by name, the
 two MLP-style blocks, stochastic depth, how blocks are repeated (`maybe_remat` policies, `scan_blocks`), and the
 PyTorch-default initialisers the ConvMixer and DaViT references use. It must not know about any particular
 family.
@@ -77,54 +77,6 @@ def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dt
       bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
 
 
-class LeadingDense(nn.Module):
-  """A dense layer over the *leading* axis: y[f, ...] = sum_s x[s, ...] kernel[s, f] + bias[f].
-
-  Its parameters are those of `dense` (kernel (in, features), bias (features,)), so checkpoints cannot tell the
-  two apart. On (S, ...) activations stored row-major the contraction is one plain GEMM, kernel^T @ x viewed as
-  (S, rest): no operand or result is transposed, where `dense` over a swapped axis moves the activations twice.
-  """
-  features: int
-  axes: tuple[str, str]
-  dtype: Dtype
-  param_dtype: Dtype
-  kernel_init: Initializer = nn.linear.default_kernel_init
-  bias_init: Initializer = zeros
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        (x.shape[0], self.features), self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, self.axes[-1:]), (self.features,),
-                      self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return leading_matmul(kernel, x) + bias.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-@jax.custom_vjp
-def leading_matmul(kernel, x):
-  """kernel (S, F), x (S, ...) -> (F, ...): the sum over both leading axes, kernel^T @ x as one GEMM.
-
-  The gradients are written out so they stay in this layout: JAX's generic dot_general transpose rule returns
-  dx as (..., S) plus a transpose, which XLA:CPU materialises."""
-  return jax.lax.dot_general(kernel, x, (((0,), (0,)), ((), ())))
-
-
-def _leading_matmul_fwd(kernel, x):
-  return leading_matmul(kernel, x), (kernel, x)
-
-
-def _leading_matmul_bwd(residuals, dy):
-  kernel, x = residuals
-  rest = tuple(range(1, x.ndim))
-  dx = jax.lax.dot_general(kernel, dy, (((1,), (0,)), ((), ())))  # (S, F) @ (F, ...) -> (S, ...)
-  dkernel = jax.lax.dot_general(x, dy, ((rest, rest), ((), ())))  # (S, ...) . (F, ...) -> (S, F)
-  return dkernel, dx
-
-
-leading_matmul.defvjp(_leading_matmul_fwd, _leading_matmul_bwd)
-
-
 def conv(features: int, kernel_size: Sequence[int], *, in_features: int, out_axis: str = 'embed',
          strides: Sequence[int] = (1, 1), padding: Any = 'VALID', dtype: Dtype,
          param_dtype: Dtype, kernel_init: Initializer = torch_kernel_init, bias_init: Initializer | None = None,
@@ -195,7 +147,7 @@ def batch_norm(*, train: bool, param_dtype: Dtype, name: str | None = None) -> n
 
 
 class MlpBlock(nn.Module):
-  """Dense -> activation -> Dense back to the input width, over the last axis (`leading=True`: the first).
+  """Dense -> activation -> Dense back to the input width, over the last axis.
 
   Parameters are `Dense_0` and `Dense_1`, the names of Google's Mixer `MlpBlock`; the module serves Mixer's
   token and channel mixing and DaViT's feed-forward layers.
@@ -207,17 +159,15 @@ class MlpBlock(nn.Module):
   param_dtype: Dtype
   kernel_init: Initializer = nn.linear.default_kernel_init
   bias_init: Initializer = zeros
-  leading: bool = False
 
   @nn.compact
   def __call__(self, x):
     outer, hidden = self.axes
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
               bias_init=self.bias_init)
-    layer = LeadingDense if self.leading else dense  # the same signature and parameters
-    y = layer(self.mlp_dim, (outer, hidden), name='Dense_0', **kw)(x)
+    y = dense(self.mlp_dim, (outer, hidden), name='Dense_0', **kw)(x)
     y = activation(self.act)(y)
-    return layer(x.shape[0 if self.leading else -1], (hidden, outer), name='Dense_1', **kw)(y)
+    return dense(x.shape[-1], (hidden, outer), name='Dense_1', **kw)(y)
 
 
 # What a rematerialised block keeps from its forward pass for the backward pass (the rest is recomputed).
@@ -256,20 +206,18 @@ def scan_blocks(block: nn.Module, x: jax.Array, train: bool, depth: int, *per_bl
   return scan(block, x, per_block)[0]
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array | None, *, train: bool, module: nn.Module, scale_by_keep: bool,
-              batch_axis: int = 0) -> jax.Array:
+def drop_path(x: jax.Array, rate: float | jax.Array | None, *, train: bool, module: nn.Module,
+              scale_by_keep: bool) -> jax.Array:
   """Stochastic depth on a residual branch: zero the whole branch for a random subset of examples.
 
   `scale_by_keep=True` is timm's DropPath (the kept branches are scaled by 1/(1-rate), so the expectation is
   unchanged); `False` is big_vision's Mixer convention (no rescale: the branch is damped by (1-rate) in
   expectation during training and used as is at eval). Draws from the module's 'dropout' RNG stream, one
-  draw per example along `batch_axis`.
+  draw per example (the leading axis).
   """
   if not train or rate is None or (isinstance(rate, (int, float)) and rate == 0.0):  # an array rate draws
     return x
-  shape = [1] * x.ndim
-  shape[batch_axis] = x.shape[batch_axis]
-  dropped = jax.random.bernoulli(module.make_rng('dropout'), rate, tuple(shape))
+  dropped = jax.random.bernoulli(module.make_rng('dropout'), rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   mask = 1.0 - dropped.astype(x.dtype)
   if scale_by_keep and rate < 1.0:
     mask = mask / (1.0 - rate)

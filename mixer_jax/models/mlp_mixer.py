@@ -11,10 +11,11 @@ Stochastic depth follows big_vision: block i drops each of its two branches with
 The token-mixing MLP acts on the token axis, so its width depends on the number of patches: a Mixer is built
 for one `image_size`. Other resolutions need the checkpoint surgery in `mixer_jax.convert`.
 
-Layout: the blocks carry the tokens token-major, (S, B, C), not (B, S, C). Then both mixings are plain GEMMs on
-free 2-D views, token mixing kernel^T @ (S, B*C) and channel mixing (S*B, C) @ kernel, where the usual
-(B, S, C) layout moves the activations twice per block (swapaxes before and after the token MLP; XLA
-materialises both as copies). The one transpose is after the stem. The `out` entries stay (B, S, C).
+Layout: tokens are (B, S, C) and token mixing is a dense layer between two swapaxes, as in Google's code. A
+token-major (S, B, C) layout with a hand-written gradient (no transposes in the HLO) was tried and removed:
+compiled for TPU v3 it moved more bytes (eval step 5.9 vs 2.6 ms of HBM time per step, train 12.3 vs 10.7 GB)
+and held more temporaries (1.29 vs 0.96 GiB), as XLA:TPU folds the swapaxes into its matmul layouts
+(BENCHMARKS.md, "TPU: tuning").
 """
 import functools
 from typing import Any
@@ -36,12 +37,14 @@ class MixerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, drop_p=None):
-    """x: token-major tokens (S, B, C); drop_p: this block's stochastic depth rate (a scalar array when scanned,
-    None for none: remat turns even a Python 0.0 into an array, which would draw from the 'dropout' RNG)."""
+    """x: tokens (B, S, C); drop_p: this block's stochastic depth rate (a scalar array when scanned, None for
+    none: remat turns even a Python 0.0 into an array, which would draw from the 'dropout' RNG)."""
     mlp = dict(act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
-    drop = dict(train=train, module=self, scale_by_keep=False, batch_axis=1)
+    drop = dict(train=train, module=self, scale_by_keep=False)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
-    y = layers.MlpBlock(self.tokens_mlp_dim, ('tokens', 'token_mlp'), leading=True, name='token_mixing', **mlp)(y)
+    y = jnp.swapaxes(y, 1, 2)
+    y = layers.MlpBlock(self.tokens_mlp_dim, ('tokens', 'token_mlp'), name='token_mixing', **mlp)(y)
+    y = jnp.swapaxes(y, 1, 2)
     x = x + layers.drop_path(y, drop_p, **drop)
     y = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype)(x)
     y = layers.MlpBlock(self.channels_mlp_dim, ('embed', 'mlp'), name='channel_mixing', **mlp)(y)
@@ -88,7 +91,6 @@ class MlpMixer(nn.Module):
                     bias_init=layers.zeros, dtype=self.dtype, param_dtype=self.param_dtype, name='stem')(images)
     out['stem'] = x
     x = out['input_tokens'] = x.reshape(x.shape[0], -1, x.shape[-1])  # row-major over the patch grid
-    x = jnp.swapaxes(x, 0, 1)  # token-major (S, B, C), see the module docstring
     block = functools.partial(layers.maybe_remat(MixerBlock, self.remat), self.tokens_mlp_dim,
                               self.channels_mlp_dim, self.act, dtype=self.dtype, param_dtype=self.param_dtype)
     rates = [i / max(self.num_blocks - 1, 1) * self.stoch_depth or None for i in range(self.num_blocks)]
@@ -96,10 +98,9 @@ class MlpMixer(nn.Module):
       per_block = (jnp.asarray([r or 0.0 for r in rates], jnp.float32),) if self.stoch_depth else ()
       x = layers.scan_blocks(block(name='MixerBlock'), x, train, self.num_blocks, *per_block)
     for i in range(0 if self.scan_blocks else self.num_blocks):
-      x = block(name=f'MixerBlock_{i}')(x, train, rates[i])
-      out[f'block_{i}'] = jnp.swapaxes(x, 0, 1)  # unused entries cost nothing under jit
+      x = out[f'block_{i}'] = block(name=f'MixerBlock_{i}')(x, train, rates[i])
     x = layers.layer_norm(LN_EPS, param_dtype=self.param_dtype, name='pre_head_layer_norm')(x)
-    x = out['pre_logits'] = jnp.mean(x, axis=0)
+    x = out['pre_logits'] = jnp.mean(x, axis=1)
     if self.num_classes:
       x = layers.dense(self.num_classes, ('embed', 'classes'), kernel_init=layers.zeros, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='head')(x)
