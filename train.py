@@ -10,7 +10,6 @@ Several processes (TPU pod hosts, SLURM tasks, or started by hand with --coordin
 and --process_id) run the same command; each reads its own slice of the data (see README, Scaling out).
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up chatter
 
@@ -27,29 +26,6 @@ FLAGS = flags.FLAGS
 cli.define_distributed_flags(flags)
 flags.adopt_module_key_flags(cli)
 
-def parse_flags(argv):
-  """absl flag parsing, with config mistakes reported on one line instead of a stack."""
-  try:
-    remaining = FLAGS(argv)
-    FLAGS.config.keys()  # ml_collections defers a failure to load the file until first use
-    return remaining
-  except IOError as error:  # a missing recipe file, or its get_config failing (e.g. a missing image folder)
-    given = next((arg.partition('=')[2] for arg in reversed(argv) if arg.startswith('--config=')), 'the --config')
-    reason = str(error).splitlines()[-1].strip().removeprefix(
-        'Configuration is not available because of an earlier failure to load: ')
-    sys.exit(f'error: cannot load {given}: {reason}')
-  except flags.Error as error:  # a malformed value, or an error raised by the recipe's get_config
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    sys.exit(f'error: {lines[-1] if "Traceback" in str(error) else lines[0]}')
-  except (AttributeError, KeyError) as error:  # an override of a field the config does not have
-    missing = str(error).strip('"\'')
-    for arg in argv:
-      path = arg.partition('=')[0].removeprefix('--config.')
-      if arg.startswith('--config.') and path.split('.')[-1] == missing:
-        sys.exit(f'error: --config.{path}: the config has no field {path!r} (see the recipe file for its fields)')
-    raise
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -65,4 +41,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.preload_tcmalloc()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(FLAGS, argv))

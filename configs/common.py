@@ -39,11 +39,14 @@ def _durations(config: ConfigDict, name: str, **value):
 
 def model_config(name: str, **options) -> dict:
   """`config.model` of a recipe: the model `name`, its `options`, and the speed and memory switches declared so
-  the command line can set them: `--config.model.remat=full|dots|dots_no_batch` (layers.REMAT_POLICIES) and,
-  for the families whose blocks are identical, `--config.model.scan_blocks=True`."""
+  the command line can set them: `--config.model.remat=full|dots|dots_no_batch` (layers.REMAT_POLICIES), for
+  the families whose blocks are identical `--config.model.scan_blocks=True`, and for those with depthwise
+  convolutions `--config.model.depthwise=conv|shift` ('auto': the form for the hardware, layers.depthwise_impl)."""
   switches = {'remat': 'none'}
   if models.family(name) in scan.BLOCKS:
     switches['scan_blocks'] = False
+  if 'depthwise' in models.options(name):
+    switches['depthwise'] = 'auto'
   return dict(name=name, **switches, **options)
 
 

@@ -9,7 +9,7 @@ on-device batches (input cost excluded: that is `input`). Compilation and warm-u
 timed repeat runs `--steps` steps and blocks on the result, and the median repeat is reported. MFU =
 images/s x FLOPs per image / peak FLOP/s, with the FLOPs from XLA's cost analysis of the compiled step (the
 analytic count of `mixer_jax.flops` beside it; for `scan_blocks=True` the analytic count, as XLA counts a loop
-body once) and the peak from `PEAK_TFLOPS` or `--peak_tflops`.
+body once) and the peak from `peak_tflops()` or `--peak_tflops`.
 `--baseline` also times a plain jit of the bare linen model + the same optax optimizer (`plain_train_step`),
 its repeats taking turns with ours, and reports our step time over its. The logic is `model_benchmark()`; rows
 print as a table and, with `--jsonl`, append as JSON lines.
@@ -24,13 +24,16 @@ from `main`.
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from mixer_jax import cli
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up chatter (the input benchmark)
+
+from mixer_jax import cli  # noqa: E402
 
 # (height, width) of common ImageNet photos: 500 x 375 / 333 at both orientations dominate; mean ~400 x 350.
 IMAGENET_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 500), (300, 400), (480, 640))
@@ -107,16 +110,19 @@ def _add_input_parser(subparsers):
 
 
 # ----------------------------------------------------------------------------------------------------- model
-# Dense bfloat16 peak TFLOP/s per JAX device (vendor figures, no sparsity; users_and_performance.md B1). A TPU v3
-# device is one core; later TPUs expose one device per chip. First matching substring of `device_kind` wins.
-PEAK_TFLOPS = (('TPU v3', 61.5), ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5', 459.0),
-               ('TPU v6 lite', 918.0), ('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0),
-               ('L4', 121.0), ('A10G', 70.0), ('RTX 4090', 165.0))
+# Dense bfloat16 peak TFLOP/s of a GPU (vendor figures, no sparsity; users_and_performance.md B1); TPUs are in
+# mixer_jax.aot.TPUS with their HBM. The first entry whose name is in the `device_kind` wins.
+GPU_PEAK_TFLOPS = (('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0), ('L4', 121.0),
+                   ('A10G', 70.0), ('RTX 4090', 165.0))
 RECIPES = {'mixer': 'mixer_i1k', 'convmixer': 'convmixer_i1k', 'davit': 'davit_i1k'}
 
 
 def peak_tflops(device_kind: str) -> float | None:
-  return next((tf for kind, tf in PEAK_TFLOPS if kind in device_kind), None)
+  """Peak TFLOP/s per JAX device of this kind (a TPU v3 device is a core, later TPUs a chip); None: unknown."""
+  from mixer_jax import aot
+  if device_kind in aot.TPUS_BY_KIND:
+    return aot.TPUS_BY_KIND[device_kind].peak_tflops
+  return next((tf for kind, tf in GPU_PEAK_TFLOPS if kind in device_kind), None)
 
 
 def bench_config(name: str, *, batch: int, res: int | None = None, dtype: str = 'float32', recipe: str | None = None,
@@ -211,27 +217,22 @@ class Step(NamedTuple):
 def compile_step(name: str, *, mode: str = 'train', batch: int = 32, res: int | None = None, dtype: str = 'float32',
                  recipe: str | None = None, mesh_shape=(-1, 1, 1), model_options: dict | None = None) -> Step:
   import jax
-  from mixer_jax import models, optim, sharding, trainer
-  from mixer_jax.evaluators import classification
+  from mixer_jax import aot, sharding, trainer
   if mode not in ('train', 'infer'):
     raise ValueError(f"mode {mode!r}: choose 'train' or 'infer'")
   config = bench_config(name, batch=batch, res=res, dtype=dtype, recipe=recipe, mesh_shape=mesh_shape,
                         model_options=model_options)
   mesh = sharding.make_mesh(config.mesh.shape)
   sharding.check_batch_size(batch, mesh)
-  model = trainer.build_model(config)
-  total_steps = 10_000  # the schedule's values do not change the step's cost
-  warmup_steps = 0 if config.schedule.type == 'onecycle' else total_steps // 10  # one-cycle has its own warmup
-  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
-                         warmup_steps=warmup_steps)
-  _, shardings = trainer.state_shardings(model, tx, mesh, config.sharding_rules)
+  run = aot.build(config, mesh)  # the schedule's values do not change the step's cost
+  model, tx, shardings = run.model, run.tx, run.shardings
   state = trainer.init_state(model, tx, config, jax.random.PRNGKey(0), shardings)
   host_batch = synthetic_batch(model, batch, config.num_classes)
   data = sharding.global_batch(host_batch, mesh)
 
   start = time.perf_counter()
   if mode == 'train':
-    compiled = trainer.make_train_step(model, tx, lr_fn, config, mesh, shardings).lower(state, data).compile()
+    compiled = run.train_step.lower(state, data).compile()
     current = state
 
     def call():
@@ -241,9 +242,7 @@ def compile_step(name: str, *, mode: str = 'train', batch: int = 32, res: int | 
   else:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     data = dict(data, mask=sharding.global_batch({'mask': np.ones(batch, bool)}, mesh)['mask'])
-    compiled = classification.make_step(
-        lambda v, x: model.apply(v, x, train=False)[0], config.loss, mesh,
-        {'params': shardings.params, 'batch_stats': shardings.batch_stats}).lower(variables, data).compile()
+    compiled = run.eval_step.lower(variables, data).compile()
     call = lambda: compiled(variables, data)
   return Step(model, mode, mesh, tx, state, host_batch, compiled, call, time.perf_counter() - start)
 
@@ -378,14 +377,72 @@ def _add_model_parser(subparsers):
   p.set_defaults(run=_run_model)
 
 
+# --------------------------------------------------------------------------------------------------- compile
+def _compile_environment() -> None:
+  """Before JAX loads: the compile command uses libtpu's compiler, never a TPU, so JAX runs on the CPU. libtpu
+  still probes for local TPU hosts when it loads, and these values tell it there are none to find (else it
+  prints a page of warnings); without a TPU to guard, several processes may load it at once (else all but the
+  first fail on /tmp/libtpu_lockfile)."""
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if os.environ['JAX_PLATFORMS'] == 'cpu':
+    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                       ('TPU_ACCELERATOR_TYPE', 'v3-8'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+      os.environ.setdefault(key, value)
+
+
+def _run_compile(args):
+  config_args = args.config_args
+  import json
+  _compile_environment()
+  config = cli.load_config(config_args)
+  from mixer_jax import aot
+  given = ' '.join(config_args)
+  if args.max_batch:
+    print(f'largest global batch of {given} on {args.topology} (a compile per try):', flush=True)
+    result = aot.max_batch(config, args.topology, log=lambda line: print(line, flush=True))
+    report = dict(result['report'], max_batch=result['max_batch'], max_batch_tries=result['tries'])
+    print(f'largest batch that fits: {result["max_batch"]} ({result["max_batch"] // result["data_parallel"]} per '
+          f'data-parallel device)')
+  else:
+    print(f'compiling {given} for {args.topology} ...', flush=True)
+    report = aot.compile_run(config, args.topology, eval_step=not args.train_only)
+  print(aot.format_report(report))
+  if args.jsonl:
+    with open(args.jsonl, 'a') as f:
+      f.write(json.dumps(dict(report, config=config_args)) + '\n')
+  if not report['train']['fits']:
+    sys.exit(f'error: the train step does not fit on {args.topology}{aot.over_text(report["train"])}: shard '
+             'parameters and optimizer state (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
+             '(--config.model.remat=full), lower the batch or use a larger slice')
+
+
+def _add_compile_parser(subparsers):
+  p = subparsers.add_parser(
+      'compile', help='compile a recipe for a TPU topology on this machine: HBM, FLOPs, collectives, roofline',
+      description='python -m mixer_jax.bench compile --config=configs/<recipe>.py[:args] --topology=v3:8x8 '
+                  '[--config.field=value ...]: the train and eval steps train.py would build, compiled by '
+                  'XLA:TPU for the topology (see mixer_jax/aot.py). Exits 1 when the train step does not fit.')
+  p.add_argument('--topology', required=True, help='<generation>:<chip grid> (v3:8x8, v4:4x4x4, v5e:4x4, '
+                 'v5p:2x2x1, v6e:4x4) or an accelerator type (v3-128, v4-128, v5litepod-16, v5p-128, v6e-16)')
+  p.add_argument('--max_batch', action='store_true', help='find the largest global batch whose train step fits')
+  p.add_argument('--train_only', action='store_true', help='compile the train step only')
+  p.add_argument('--jsonl', default=None, help='append the report as one JSON object to this file')
+  p.set_defaults(run=_run_compile)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m mixer_jax.bench', description=__doc__.split('\n')[0])
   subparsers = parser.add_subparsers(dest='command', required=True)
   _add_model_parser(subparsers)
   _add_input_parser(subparsers)
-  args = parser.parse_args(argv)
+  _add_compile_parser(subparsers)
+  args, rest = parser.parse_known_args(argv)
+  if args.command == 'compile':  # --config=... and --config.field=value, read as train.py reads them
+    args.config_args = [a for a in rest if a.startswith('--config')]
+    rest = [a for a in rest if not a.startswith('--config')]
+  if rest:
+    parser.error(f'unrecognized arguments: {" ".join(rest)}')
   cli.run(lambda: args.run(args))
-
 
 if __name__ == '__main__':
   cli.preload_tcmalloc()

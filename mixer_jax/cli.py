@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Callable, TypeVar
 
+from absl import flags as absl_flags
+
 # Libraries that log every file they touch at INFO; their warnings still show.
 _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/jax/_src/xla_bridge.py')
 # What bad input raises: configs, files, shapes, a diverging run. Anything else is a bug and keeps its stack.
@@ -34,6 +36,44 @@ def parse_options(text: str, what: str = 'options') -> dict:
     except (ValueError, SyntaxError):
       options[key] = value
   return options
+
+
+def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
+  """absl flag parsing of `argv` into `flag_values` (which define a `config` file flag), with config mistakes
+  (a missing recipe, its get_config failing, a malformed value, a field the config lacks) on one line."""
+  try:
+    remaining = flag_values(argv)
+    flag_values.config.keys()  # ml_collections defers a failure to load the file until first use
+    return remaining
+  except IOError as error:  # a missing recipe file, or its get_config failing (e.g. a missing image folder)
+    given = next((arg.partition('=')[2] for arg in reversed(argv) if arg.startswith('--config=')), 'the --config')
+    reason = str(error).splitlines()[-1].strip().removeprefix(
+        'Configuration is not available because of an earlier failure to load: ')
+    sys.exit(f'error: cannot load {given}: {reason}')
+  except absl_flags.Error as error:  # a malformed value, or an error raised by the recipe's get_config
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    sys.exit(f'error: {lines[-1] if "Traceback" in str(error) else lines[0]}')
+  except (AttributeError, KeyError) as error:  # an override of a field the config does not have
+    missing = str(error).strip('"\'')
+    for arg in argv:
+      path = arg.partition('=')[0].removeprefix('--config.')
+      if arg.startswith('--config.') and path.split('.')[-1] == missing:
+        sys.exit(f'error: --config.{path}: the config has no field {path!r} (see the recipe file for its fields)')
+    raise
+
+
+def load_config(args: list[str]):
+  """The ConfigDict of `--config=configs/<recipe>.py[:args]` with its `--config.field=value` overrides, read
+  exactly as train.py reads them; `args` holds nothing else."""
+  from ml_collections import config_flags
+  flag_values = absl_flags.FlagValues()
+  argv = ['mixer_jax'] + list(args)
+  config_flags.DEFINE_config_file('config', None, 'configs/<recipe>.py[:key=value,...]', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  parse_config_flags(flag_values, argv)
+  if flag_values.config is None:
+    raise ValueError('give --config=configs/<recipe>.py[:key=value,...]')
+  return flag_values.config
 
 
 def run(fn: Callable[[], T], *, traceback: bool = False) -> T:

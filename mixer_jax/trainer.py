@@ -14,7 +14,7 @@ import math
 import os
 import resource
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax
@@ -63,8 +63,10 @@ def model_options(config) -> dict:
   return {k: v for k, v in config.model.to_dict().items() if k != 'name'}
 
 
-def build_model(config, **overrides) -> nn.Module:
-  return models.create(config.model.name, num_classes=config.num_classes, **{**model_options(config), **overrides})
+def build_model(config, *, platform: str | None = None, **overrides) -> nn.Module:
+  """The config's model; `platform` ('cpu', 'gpu', 'tpu') is the hardware it will run on (default: JAX's)."""
+  return models.create(config.model.name, num_classes=config.num_classes, platform=platform,
+                       **{**model_options(config), **overrides})
 
 
 def _path_keys(path) -> tuple:
@@ -173,6 +175,47 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+def _infer(model, variables, images):
+  """(logits, out) in inference mode."""
+  return _forward(model, variables['params'], variables['batch_stats'], images, None, train=False)[:2]
+
+
+def make_eval_step(model, config, mesh, shardings):
+  """The classification evaluator's step for `model` over `mesh` (variables sharded like the train state)."""
+  return classification.make_step(lambda v, x: _infer(model, v, x)[0], config.loss, mesh,
+                                  {'params': shardings.params, 'batch_stats': shardings.batch_stats})
+
+
+class Run(NamedTuple):
+  """What a run builds from its config and mesh before it touches data or device memory."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  shapes: TrainState  # ShapeDtypeStructs
+  shardings: TrainState  # NamedShardings
+  pretrained: Any  # the `config.init` variables, adapted to the model (None: from scratch)
+  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  eval_step: Any  # jitted (variables, batch with mask) -> sums, see evaluators/classification.py
+
+
+def build(config, mesh, *, total_steps: int, warmup_steps: int) -> Run:
+  """The model (shaped by `config.init` where a checkpoint decides it), optimizer, state layout and jitted steps
+  of `config` over `mesh`: what `train_and_evaluate` runs and `mixer_jax.aot` compiles for other hardware."""
+  pretrained, overrides = None, {}
+  if config.init:  # read even when resuming: it can fix the fine-tuned model's shape (a Mixer's token MLP)
+    pretrained, overrides, notes = transfer.pretrained(
+        config.init, config.model.name, model_options(config), image_size=config.model.image_size,
+        resize_method=config.init_resize)
+    for note in notes:
+      logging.info('init: %s', note)
+  model = build_model(config, platform=mesh.devices.flat[0].platform, **overrides)
+  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
+                         warmup_steps=warmup_steps)
+  shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
+  return Run(model, tx, shapes, shardings, pretrained,
+             make_train_step(model, tx, lr_fn, config, mesh, shardings),
+             make_eval_step(model, config, mesh, shardings))
+
+
 def preflight(config, mesh, shapes, shardings, total_steps: int) -> str:
   """The run's layout as a report; raises if processes disagree on it (checked with one small all-gather, before
   the first collective that mismatched processes would hang in)."""
@@ -207,15 +250,23 @@ def _first_non_finite(history: list[tuple[int, dict]]) -> str | None:
   return None
 
 
-def memory_usage(compiled) -> dict[str, float]:
-  """GiB per device of a compiled step (XLA's memory analysis: arguments, temporaries and the whole step,
-  counting donated buffers once) and the device's peak, or on a CPU the host process's peak resident memory."""
-  out = {}
+def compiled_memory(compiled) -> dict[str, float]:
+  """GiB per device that a compiled step holds (XLA's memory analysis; {} where the backend gives none):
+  arguments, outputs, the outputs aliased to donated arguments, temporaries, and the whole step (arguments +
+  outputs - aliased + temporaries)."""
   m = compiled.memory_analysis()
-  if m is not None:
-    out.update(arguments_gib=m.argument_size_in_bytes / 2**30, temporaries_gib=m.temp_size_in_bytes / 2**30,
-               step_gib=(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                         + m.temp_size_in_bytes) / 2**30)
+  if m is None:
+    return {}
+  gib = lambda n: n / 2**30
+  return dict(arguments_gib=gib(m.argument_size_in_bytes), outputs_gib=gib(m.output_size_in_bytes),
+              aliased_gib=gib(m.alias_size_in_bytes), temporaries_gib=gib(m.temp_size_in_bytes),
+              step_gib=gib(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                           + m.temp_size_in_bytes))
+
+
+def memory_usage(compiled) -> dict[str, float]:
+  """`compiled_memory` and the device's peak, or on a CPU the host process's peak resident memory."""
+  out = compiled_memory(compiled)
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     out['device_peak_gib'] = stats['peak_bytes_in_use'] / 2**30
@@ -275,18 +326,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   eval_every = durations('eval_every', required=False)
   warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
 
-  # --- Model, optimizer, state ---------------------------------------------------------------------------
-  pretrained, overrides = None, {}
-  if config.init:  # read even when resuming: it can fix the fine-tuned model's shape (a Mixer's token MLP)
-    pretrained, overrides, notes = transfer.pretrained(
-        config.init, config.model.name, model_options(config), image_size=config.model.image_size,
-        resize_method=config.init_resize)
-    for note in notes:
-      logging.info('init: %s', note)
-  model = build_model(config, **overrides)
-  tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
-                         warmup_steps=warmup_steps)
-  shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
+  # --- Model, optimizer, steps, state --------------------------------------------------------------------
+  run = build(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+  model, shapes, shardings = run.model, run.shapes, run.shardings
   logging.info('pre-flight:\n%s', preflight(config, mesh, shapes, shardings, total_steps))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_every_steps=config.checkpoint.keep_every_steps,
@@ -295,12 +337,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     state = ckpt.restore(checkpoint.abstract_like(shapes, shardings))
     logging.info('resumed from %s at step %d', ckpt.directory, int(state.step))
   else:
-    state = init_state(model, tx, config, jax.random.PRNGKey(config.seed), shardings)
-    if pretrained is not None:
+    state = init_state(model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
+    if run.pretrained is not None:
       # tiled allgather: with FSDP over several processes no process holds whole arrays
       fresh = multihost_utils.process_allgather({'params': state.params, 'batch_stats': state.batch_stats},
                                                 tiled=True)
-      variables, report = transfer.merge(pretrained, fresh)
+      variables, report = transfer.merge(run.pretrained, fresh)
       logging.info('init from %s: %s', config.init, report)
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
@@ -332,9 +374,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
           data_dir=cfg.get('data_dir') or config.input.data_dir)
     else:
       raise ValueError(f"evals.{name}.type {kind!r} must be 'classification' or 'fewshot'")
-  forward = lambda v, x: _forward(model, v['params'], v['batch_stats'], x, None, train=False)[:2]
-  eval_step = classification.make_step(lambda v, x: forward(v, x)[0], config.loss, mesh,
-                                       {'params': shardings.params, 'batch_stats': shardings.batch_stats})
+  forward = functools.partial(_infer, model)
   final_metrics = {}
 
   def run_evals(step):
@@ -346,7 +386,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
         logging.info('eval %s at step %d: %s (%.1fs)', name, step,
                      ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('a/')), time.time() - t0)
       else:
-        result = classification.evaluate(eval_step, variables, classification_evals[name], mesh)
+        result = classification.evaluate(run.eval_step, variables, classification_evals[name], mesh)
         logging.info('eval %s at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples, %.1fs)', name, step,
                      result['top1'], result['top5'], result['loss'], result['count'], time.time() - t0)
       metrics = {f'{name}/{k}': v for k, v in result.items()}
@@ -355,12 +395,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       final_metrics.update(metrics)
 
   # --- Compile the train step ----------------------------------------------------------------------------
-  train_step = make_train_step(model, tx, lr_fn, config, mesh, shardings)
   preempted = checkpoint.Preemption()
   if start_step < total_steps:
     first = sharding.global_batch(next(train_iter), mesh)
     t0 = time.time()
-    compiled = train_step.lower(state, first).compile()
+    compiled = run.train_step.lower(state, first).compile()
     logging.info('compiled the train step in %.1fs; %s', time.time() - t0, _memory_report(compiled))
     batches = ((step, first if step == start_step else sharding.global_batch(next(train_iter), mesh))
                for step in range(start_step, total_steps))

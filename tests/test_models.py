@@ -198,6 +198,17 @@ def test_davit_official_drop_path_schedule():
   assert not np.allclose(a, b) and np.array_equal(c, d)
 
 
+def test_depthwise_form_follows_the_platform_the_model_is_built_for():
+  """'auto' (or unset) is the form for the target hardware, not for the machine that builds the program: a TPU
+  program compiled on this CPU gets XLA's grouped convolution (BENCHMARKS.md, TPU: tuning)."""
+  assert models.create('convmixer_768_32', num_classes=10).depthwise == 'shift'  # this machine: a CPU
+  assert models.create('convmixer_768_32', num_classes=10, platform='tpu').depthwise == 'conv'
+  assert models.create('davit_tiny', num_classes=10, platform='gpu', depthwise='auto').depthwise == 'conv'
+  assert models.create('davit_tiny', num_classes=10, platform='tpu', depthwise='shift').depthwise == 'shift'
+  with pytest.raises(ValueError, match="depthwise 'fast': choose 'conv', 'shift'"):
+    layers.DepthwiseConv(3, jnp.float32, jnp.float32, impl='fast').init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+
+
 @pytest.mark.parametrize('kernel_size', [3, 4, 7])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_depthwise_shift_and_add_equals_grouped_convolution(kernel_size, dtype):

@@ -1,7 +1,9 @@
 """The model registry: every published variant by name, and helpers to initialise variables.
 
-`create(name, *, num_classes, **overrides)` builds a flax.linen module; overrides are the module's fields
-(`image_size`, `dtype`, `act`, `stoch_depth` / `drop_path_rate`, ...). Configs, converters and benchmarks
+`create(name, *, num_classes, platform=None, **overrides)` builds a flax.linen module; overrides are the module's
+fields (`image_size`, `dtype`, `act`, `stoch_depth` / `drop_path_rate`, ...). Choices that depend on the hardware
+(`depthwise`) left unset or 'auto' are made for `platform`, the one the model is compiled for (default: JAX's
+default backend; a TPU program compiled on a CPU machine passes 'tpu'). Configs, converters and benchmarks
 refer to models by these names.
 """
 import dataclasses
@@ -13,6 +15,7 @@ import flax.linen as nn
 
 from mixer_jax.models.convmixer import ConvMixer
 from mixer_jax.models.davit import DaViT
+from mixer_jax.models import layers
 from mixer_jax.models.layers import pair
 from mixer_jax.models.mlp_mixer import MlpMixer
 
@@ -81,12 +84,14 @@ def options(name: str) -> list[str]:
   return [f.name for f in fields if f.name not in ('parent', 'name', 'num_classes')]
 
 
-def create(name: str, *, num_classes: int | None, **overrides) -> nn.Module:
-  """Builds the registered variant `name` with a `num_classes` head (0 or None: no head)."""
+def create(name: str, *, num_classes: int | None, platform: str | None = None, **overrides) -> nn.Module:
+  """Builds the registered variant `name` with a `num_classes` head (0 or None: no head) for `platform`."""
   v = variant(name)
   unknown = sorted(set(overrides) - set(options(name)))
   if unknown:
     raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; options: {", ".join(options(name))}')
+  if 'depthwise' in options(name) and overrides.get('depthwise', 'auto') == 'auto':
+    overrides['depthwise'] = layers.depthwise_impl(platform or jax.default_backend())
   for key in ('dtype', 'param_dtype'):
     if isinstance(overrides.get(key), str):
       overrides[key] = jnp.dtype(overrides[key])

@@ -44,7 +44,7 @@ class ConvMixer(nn.Module):
   kernel_size: int
   patch_size: int
   act: str = 'gelu'
-  depthwise: str = 'auto'  # depthwise convolution implementation, see layers.DepthwiseConv
+  depthwise: str = 'conv'  # depthwise convolution form, see layers.DepthwiseConv ('auto' in models.create)
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
   scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked, see convert.scan
   image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works

@@ -137,7 +137,7 @@ class DaViT(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   act: str = 'gelu'
-  depthwise: str = 'auto'  # CPE convolution implementation, see layers.DepthwiseConv
+  depthwise: str = 'conv'  # CPE convolution form, see layers.DepthwiseConv ('auto' in models.create)
   attention_impl: str | None = None  # window attention: None (cuDNN where it applies, else XLA), 'xla', 'cudnn'
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
   image_size: Any = 224  # the default input size (for init and benchmarks); any size works

@@ -90,18 +90,27 @@ def conv(features: int, kernel_size: Sequence[int], *, in_features: int, out_axi
       bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)))
 
 
+DEPTHWISE_IMPLS = ('conv', 'shift')
+
+
+def depthwise_impl(platform: str) -> str:
+  """The depthwise convolution form for a platform ('cpu', 'gpu', 'tpu'): 'shift' on XLA:CPU, whose grouped
+  convolution is slow and whose gradient runs as a dense convolution; XLA's grouped convolution elsewhere."""
+  return 'shift' if platform == 'cpu' else 'conv'
+
+
 class DepthwiseConv(nn.Module):
   """A k x k depthwise convolution, stride 1, 'SAME' padding (k//2 on each side for odd k, as PyTorch's
   padding=k//2), with bias. Parameters are those of `nn.Conv(C, (k, k), feature_group_count=C)`.
 
-  `impl='shift'` computes it as k*k shifted multiply-adds, one fused elementwise loop (accumulated in float32):
-  on XLA:CPU this is 4-30x faster than the grouped convolution (forward and backward) with the same results.
-  `'conv'` is XLA's grouped convolution (cuDNN on GPU); `'auto'` picks 'shift' on CPU and 'conv' elsewhere.
+  `impl='conv'` is XLA's grouped convolution (cuDNN on GPU). `'shift'` computes it as k*k shifted
+  multiply-adds accumulated in float32: on XLA:CPU 4-30x faster than the grouped convolution (forward and
+  backward) with the same results. `models.create` picks one for the target platform (`depthwise_impl`).
   """
   kernel_size: int
   dtype: Dtype
   param_dtype: Dtype
-  impl: str = 'auto'
+  impl: str = 'conv'
 
   @nn.compact
   def __call__(self, x):
@@ -112,17 +121,17 @@ class DepthwiseConv(nn.Module):
                       self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pads = ((k - 1) // 2, k // 2)
-    impl = self.impl if self.impl != 'auto' else ('shift' if jax.default_backend() == 'cpu' else 'conv')
-    if impl == 'conv':
+    if self.impl == 'conv':
       y = jax.lax.conv_general_dilated(x, kernel, (1, 1), (pads, pads), feature_group_count=c,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    elif impl == 'shift':
+    elif self.impl == 'shift':
       h, w = x.shape[1:3]
       padded = jnp.pad(x, ((0, 0), pads, pads, (0, 0)))
       y = sum(padded[:, i:i + h, j:j + w, :].astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
               for i in range(k) for j in range(k)).astype(x.dtype)
     else:
-      raise ValueError(f"depthwise impl {self.impl!r} must be 'auto', 'shift' or 'conv'")
+      raise ValueError(f"depthwise {self.impl!r}: choose {', '.join(map(repr, DEPTHWISE_IMPLS))} (or 'auto' in "
+                       "models.create: the form for the target platform)")
     return y + bias
 
 
