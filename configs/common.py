@@ -104,6 +104,10 @@ def base_config() -> ConfigDict:
   c.sharding_rules = SHARDING_RULES
 
   c.checkpoint = ConfigDict(dict(keep=2, keep_every_steps=placeholder(int), async_save=True))
+  # A jax.profiler trace of train steps first_step .. first_step + num_steps - 1 (step = updates done before it),
+  # by each process into <workdir>/profile/process_<i>/plugins/profile/<time>/ (TensorBoard's profile plugin on
+  # the workdir, Perfetto). None: no trace.
+  c.profile = ConfigDict(dict(first_step=placeholder(int), num_steps=5))
   return c
 
 

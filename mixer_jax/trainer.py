@@ -301,6 +301,24 @@ class _JsonlWriter:
       self._file.close()
 
 
+def profile_steps(config, total_steps: int) -> range:
+  """The train steps `config.profile` traces (empty when `first_step` is None)."""
+  first, count = config.profile.first_step, config.profile.num_steps
+  if first is None:
+    return range(0)
+  if first < 0 or count < 1 or first + count > total_steps:
+    raise ValueError(f'profile: first_step {first} and num_steps {count} must trace steps inside the run\'s '
+                     f'0..{total_steps - 1} (first_step >= 0, num_steps >= 1)')
+  return range(first, first + count)
+
+
+def _stop_trace(state, trace_dir: str) -> None:
+  jax.block_until_ready(state)  # the trace must hold the devices' work, not just its dispatch
+  jax.profiler.stop_trace()
+  logging.info('profile written to %s (TensorBoard on the workdir, profile tab; Perfetto: its '
+               'perfetto_trace.json.gz)', os.path.join(trace_dir, 'plugins', 'profile'))
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
   # --- Logging -------------------------------------------------------------------------------------------
@@ -325,6 +343,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
   eval_every = durations('eval_every', required=False)
   warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
+  traced = profile_steps(config, total_steps)
 
   # --- Model, optimizer, steps, state --------------------------------------------------------------------
   run = build(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
@@ -409,8 +428,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   # --- Train loop ----------------------------------------------------------------------------------------
   # Throughput windows run from one log step to the next, without compilation and evaluations.
   history, last_log = [], (start_step, time.time())
+  tracing, trace_dir = False, os.path.join(workdir, 'profile', f'process_{jax.process_index()}')
   for step, batch in batches:
-    state, metrics = compiled(state, batch)
+    if traced and step == traced.start:
+      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+      tracing = True
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = compiled(state, batch)
+    if tracing and step + 1 == traced.stop:
+      _stop_trace(state, trace_dir)
+      tracing = False
     history.append((step + 1, metrics))
     done = step + 1
     if done % log_every == 0 or done == total_steps:
@@ -442,6 +469,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       last_log = (last_log[0], last_log[1] + time.time() - t0)
   else:
     run_evals(int(state.step))
+  if tracing:  # preempted inside the traced steps
+    _stop_trace(state, trace_dir)
 
   ckpt.wait()
   ckpt.close()

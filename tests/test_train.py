@@ -1,5 +1,6 @@
 """The training loop on 8 simulated CPU devices: parallelism equivalence, exact resume, cross-mesh restore,
 gradient accumulation, learning, and one-line errors for bad configs."""
+import gzip
 import json
 import os
 import signal
@@ -120,13 +121,30 @@ def test_gradient_accumulation_equals_a_larger_batch(data_dir):
 
 
 def test_tiny_model_learns_the_training_set(data_dir, tmp_path):
-  config = tiny_config(data_dir, 'mixer', total_steps=120, log_every_steps=40, lr=0.01)
+  """Also: `config.profile` traces exactly the steps it names, readable by TensorBoard and Perfetto."""
+  config = tiny_config(data_dir, 'mixer', total_steps=120, log_every_steps=40, lr=0.01,
+                       **{'profile.first_step': 50, 'profile.num_steps': 3})
   config.evals = {'train_eval': dict(split='train', pp=config.input.pp.replace('flip_lr|', ''))}
   metrics = trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices())
   assert metrics['train_eval/top1'] >= 0.99 and metrics['train_eval/count'] == 256
   logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [m['step'] for m in logged if 'train/loss' in m] == [40, 80, 120]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+  profiles = tmp_path / 'profile' / 'process_0' / 'plugins' / 'profile'  # TensorBoard's profile plugin layout
+  (trace,) = os.listdir(profiles)
+  files = os.listdir(profiles / trace)
+  assert any(f.endswith('.xplane.pb') for f in files) and 'perfetto_trace.json.gz' in files
+  with gzip.open(profiles / trace / 'perfetto_trace.json.gz') as f:
+    events = json.load(f)['traceEvents']
+  assert sorted(int(e['args']['step_num']) for e in events if e.get('name') == 'train') == [50, 51, 52]
+
+
+@pytest.mark.parametrize('first_step,num_steps', [(-1, 2), (3, 0), (4, 2)])
+def test_profile_outside_the_run_is_refused(first_step, num_steps):
+  config = quickstart.get_config('steps=5')
+  config.profile.first_step, config.profile.num_steps = first_step, num_steps
+  with pytest.raises(ValueError, match='profile: first_step'):
+    trainer.profile_steps(config, 5)
 
 
 def test_fsdp_shards_the_optimizer_state_like_the_parameters():
