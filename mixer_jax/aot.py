@@ -212,7 +212,8 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
              xla_over_analytic=step_flops * per_image / analytic_flops_per_image,
              gb_accessed_per_device=step_bytes / 1e9, mb_accessed_per_image=step_bytes * per_image / 1e6,
              collectives=comms, collective_mb_per_device=sum(c['bytes'] for c in comms.values()) / 1e6,
-             xla_optimal_ms=float(cost['optimal_seconds']) * 1e3 if 'optimal_seconds' in cost else None)
+             # its estimate overflows to negative values for the largest programs (Mixer-H/14 at 1,024 per chip)
+             xla_optimal_ms=float(cost['optimal_seconds']) * 1e3 if cost.get('optimal_seconds', -1) > 0 else None)
   if scanned:  # the loop body is counted once: no bound from these counts
     row.update(roofline=None)
     return row
@@ -227,8 +228,8 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
   return row
 
 
-def compile_run(config, topology: str, *, eval_step: bool = True) -> dict:
-  """Compiles the config's train step (and eval step) for `topology`; returns the report as plain values."""
+def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
+  """Compiles the config's train and/or eval step for `topology`; returns the report as plain values."""
   dcn = config.mesh.get('dcn_shape')
   devices = topology_devices(topology, num_slices=math.prod(dcn) if dcn else 1)
   chip = chip_of(devices[0])
@@ -248,12 +249,13 @@ def compile_run(config, topology: str, *, eval_step: bool = True) -> dict:
       parameters=models.count_params(run.shapes.params), global_batch=batch,
       batch_per_device=batch / len(devices), remat=str(getattr(run.model, 'remat', False)),
       scan_blocks=common['scanned'], peak_tflops=chip.peak_tflops, hbm_gbps=chip.hbm_gbps)
-  report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh)),
-                            analytic_flops_per_image=flops.flops_per_image(run.model, 'train'), **common)
-  if eval_step:
+  if 'train' in steps:
+    report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh)),
+                              analytic_flops_per_image=flops.flops_per_image(run.model, 'train'), **common)
+  if 'eval' in steps:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     report['eval'] = analyse(_compile(run.eval_step, variables,
-                                          abstract_batch(run.model, config, mesh, eval_mask=True)),
+                                      abstract_batch(run.model, config, mesh, eval_mask=True)),
                              analytic_flops_per_image=flops.flops_per_image(run.model, 'infer'), **common)
   return report
 
@@ -297,7 +299,7 @@ def max_batch(config, topology: str, *, log=print) -> dict:
 
   def try_batch(batch):
     config.input.batch_size = batch
-    reports[batch] = report = compile_run(config, topology, eval_step=False)
+    reports[batch] = report = compile_run(config, topology, steps=('train',))
     train = report['train']
     need = train['step_gib'] if 'step_gib' in train else train.get('needed_gib', math.inf)
     log(f'  batch {batch}: {"fits" if train["fits"] else "does not fit"} ({need:.2f} GiB per device), '

@@ -405,7 +405,7 @@ def _run_compile(args):
           f'data-parallel device)')
   else:
     print(f'compiling {given} for {args.topology} ...', flush=True)
-    report = aot.compile_run(config, args.topology, eval_step=not args.train_only)
+    report = aot.compile_run(config, args.topology, steps=('train',) if args.train_only else ('train', 'eval'))
   print(aot.format_report(report))
   if args.jsonl:
     with open(args.jsonl, 'a') as f:
