@@ -26,6 +26,7 @@ FLAGS = flags.FLAGS
 cli.define_distributed_flags(flags)
 flags.adopt_module_key_flags(cli)
 
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')

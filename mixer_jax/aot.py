@@ -2,8 +2,8 @@
 
 libtpu's compiler runs on any Linux CPU. `compile_run(config, topology)` builds exactly what train.py builds
 from a config (`trainer.build`: model, optimizer, mesh, shardings, train and eval steps) over the devices of
-a TPU topology (`v3:8x8`, or the accelerator type `v3-128`), compiles both steps for abstract inputs (nothing
-is allocated, nothing runs, no data is read) and reads the compiled programs:
+a TPU topology (`v3:8x8`, or the accelerator type `v3-128`), compiles its train and eval steps for abstract
+inputs (nothing is allocated, nothing runs, no data is read) and reads the compiled programs:
 
 - memory: XLA's memory analysis per device (arguments, outputs, temporaries) against the device's HBM; a
   program that does not fit is refused by the compiler itself, whose message gives what it needed;
@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixer_jax import checkpoint, flops, models, sharding, trainer
 
@@ -233,11 +232,7 @@ def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
   dcn = config.mesh.get('dcn_shape')
   devices = topology_devices(topology, num_slices=math.prod(dcn) if dcn else 1)
   chip = chip_of(devices[0])
-  try:
-    mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=devices)
-  except (AssertionError, NotImplementedError) as error:  # mesh_utils on a shape the slice cannot take
-    raise ValueError(f'mesh {tuple(config.mesh.shape)} does not map onto {topology} ({len(devices)} '
-                     f'{chip.device_kind} devices): {error}') from None
+  mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=devices)
   batch = config.input.batch_size
   sharding.check_batch_size(batch, mesh)
   run = build(config, mesh)

@@ -391,12 +391,11 @@ def _compile_environment() -> None:
 
 
 def _run_compile(args):
-  config_args = args.config_args
   import json
   _compile_environment()
-  config = cli.load_config(config_args)
+  config = cli.load_config(args.config_args)
   from mixer_jax import aot
-  given = ' '.join(config_args)
+  given = ' '.join(args.config_args)
   if args.max_batch:
     print(f'largest global batch of {given} on {args.topology} (a compile per try):', flush=True)
     result = aot.max_batch(config, args.topology, log=lambda line: print(line, flush=True))
@@ -409,7 +408,7 @@ def _run_compile(args):
   print(aot.format_report(report))
   if args.jsonl:
     with open(args.jsonl, 'a') as f:
-      f.write(json.dumps(dict(report, config=config_args)) + '\n')
+      f.write(json.dumps(dict(report, config=args.config_args)) + '\n')
   if not report['train']['fits']:
     sys.exit(f'error: the train step does not fit on {args.topology}{aot.over_text(report["train"])}: shard '
              'parameters and optimizer state (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '

@@ -2,7 +2,6 @@
 data-parallel, FSDP and tensor-parallel meshes of a TPU v3-8, what the compiled programs hold, the command,
 its errors, the largest-batch search and the pod launcher's pre-launch check. Nothing runs on a TPU."""
 import json
-import math
 import os
 import subprocess
 
@@ -105,6 +104,15 @@ def test_command_prints_the_report_and_writes_json(tmp_path, capsys):
     assert step['step_gib'] == pytest.approx(step['arguments_gib'] + step['outputs_gib'] - step['aliased_gib']
                                              + step['temporaries_gib'], abs=1e-3)
   assert report['train']['aliased_gib'] > 0  # the state is donated
+
+
+def test_multi_slice_jobs_compile_over_every_slice():
+  """config.mesh.dcn_shape: two v3-8 slices, the data axis across them (a hybrid ICI x DCN mesh)."""
+  c = tiny_config('mixer', 'data')
+  c.mesh.dcn_shape = (2, 1, 1)
+  report = aot.compile_run(c, TOPOLOGY, steps=('train',))
+  assert report['devices'] == 16 and report['mesh'] == {'data': 16, 'fsdp': 1, 'model': 1}
+  assert report['train']['fits'] and report['batch_per_device'] == BATCH / 16
 
 
 def test_a_config_that_does_not_fit_is_refused(tmp_path, capsys):
