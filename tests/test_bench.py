@@ -77,11 +77,10 @@ def test_published_mac_counts():
 
 
 @pytest.mark.parametrize('name,options,mode', [
-    # the real widths at 224, fewer blocks: XLA's count includes norms and activations that the analytic one skips
+    # the real widths at 224, fewer blocks: XLA's count includes norms and activations that the analytic one skips.
+    # Training steps and DaViT are checked against XLA:TPU, the target (tests/test_aot.py).
     ('mixer_b16', dict(num_blocks=2), 'infer'),
-    ('mixer_b16', dict(num_blocks=2), 'train'),  # checks the 3x forward convention of training steps
     ('convmixer_768_32', dict(depth=2), 'infer'),
-    ('davit_tiny', dict(depths=(1, 1, 1, 1)), 'infer'),
 ])
 def test_analytic_flops_match_xla_within_10_percent(name, options, mode):
   step = bench.compile_step(name, mode=mode, batch=8, model_options=options)  # compiled on 8 devices, not run
