@@ -227,23 +227,28 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
   return row
 
 
-def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
-  """Compiles the config's train and/or eval step for `topology`; returns the report as plain values."""
+def topology_mesh(config, topology: str):
+  """(the config's mesh over the topology's devices, their Chip); `config.mesh.dcn_shape` spans slices."""
   dcn = config.mesh.get('dcn_shape')
   devices = topology_devices(topology, num_slices=math.prod(dcn) if dcn else 1)
-  chip = chip_of(devices[0])
-  mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=devices)
+  return sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=devices), chip_of(devices[0])
+
+
+def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
+  """Compiles the config's train and/or eval step for `topology`; returns the report as plain values."""
+  mesh, chip = topology_mesh(config, topology)
   batch = config.input.batch_size
   sharding.check_batch_size(batch, mesh)
   run = build(config, mesh)
   state = checkpoint.abstract_like(run.shapes, run.shardings)
-  common = dict(chip=chip, devices=len(devices), batch=batch, scanned=bool(getattr(run.model, 'scan_blocks', False)))
+  scanned = bool(getattr(run.model, 'scan_blocks', False))
+  common = dict(chip=chip, devices=mesh.devices.size, batch=batch, scanned=scanned)
   report = dict(
-      topology=topology, device_kind=chip.device_kind, devices=len(devices), mesh=dict(mesh.shape),
+      topology=topology, device_kind=chip.device_kind, devices=mesh.devices.size, mesh=dict(mesh.shape),
       model=config.model.name, dtype=str(jnp.dtype(run.model.dtype)),
       parameters=models.count_params(run.shapes.params), global_batch=batch,
-      batch_per_device=batch / len(devices), remat=str(getattr(run.model, 'remat', False)),
-      scan_blocks=common['scanned'], peak_tflops=chip.peak_tflops, hbm_gbps=chip.hbm_gbps)
+      batch_per_device=batch / mesh.devices.size, remat=str(getattr(run.model, 'remat', False)),
+      scan_blocks=scanned, peak_tflops=chip.peak_tflops, hbm_gbps=chip.hbm_gbps)
   if 'train' in steps:
     report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh)),
                               analytic_flops_per_image=flops.flops_per_image(run.model, 'train'), **common)
@@ -288,8 +293,8 @@ def max_batch(config, topology: str, *, log=print) -> dict:
   """The largest global batch (a multiple of the data-parallel devices) whose train step fits on `topology`,
   with the report at that batch. Each try is a compile (`search_max_batch`)."""
   config = config.copy_and_resolve_references()
-  devices = topology_devices(topology)
-  unit = sharding.data_parallel_size(sharding.make_mesh(config.mesh.shape, devices=devices))
+  mesh, chip = topology_mesh(config, topology)
+  unit = sharding.data_parallel_size(mesh)
   reports = {}
 
   def try_batch(batch):
@@ -302,7 +307,7 @@ def max_batch(config, topology: str, *, log=print) -> dict:
     return train['fits'], need
 
   best, tried = search_max_batch(try_batch, start=config.input.batch_size, unit=unit,
-                                 capacity_gib=chip_of(devices[0]).hbm_gib)
+                                 capacity_gib=chip.hbm_gib)
   if best is None:
     raise ValueError(f'not even a batch of {unit} (one example per data-parallel device) fits on {topology}: '
                      'shard the parameters (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '

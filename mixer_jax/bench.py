@@ -378,21 +378,9 @@ def _add_model_parser(subparsers):
 
 
 # --------------------------------------------------------------------------------------------------- compile
-def _compile_environment() -> None:
-  """Before JAX loads: the compile command uses libtpu's compiler, never a TPU, so JAX runs on the CPU. libtpu
-  still probes for local TPU hosts when it loads, and these values tell it there are none to find (else it
-  prints a page of warnings); without a TPU to guard, several processes may load it at once (else all but the
-  first fail on /tmp/libtpu_lockfile)."""
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  if os.environ['JAX_PLATFORMS'] == 'cpu':
-    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                       ('TPU_ACCELERATOR_TYPE', 'v3-8'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
-      os.environ.setdefault(key, value)
-
-
 def _run_compile(args):
   import json
-  _compile_environment()
+  cli.tpu_compiler_environment()
   config = cli.load_config(args.config_args)
   from mixer_jax import aot
   given = ' '.join(args.config_args)

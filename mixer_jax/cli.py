@@ -76,6 +76,18 @@ def load_config(args: list[str]):
   return flag_values.config
 
 
+def tpu_compiler_environment() -> None:
+  """Call before JAX loads, to compile for TPUs with libtpu's compiler on a machine without one (the bench's
+  `compile`, the tests): JAX runs on the CPU; libtpu still probes for local TPU hosts when it loads, and these
+  values tell it there are none to find (else it prints a page of warnings); with no TPU to guard, several
+  processes may load it at once (else all but the first fail on its lockfile)."""
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if os.environ['JAX_PLATFORMS'] == 'cpu':
+    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                       ('TPU_ACCELERATOR_TYPE', 'v3-8'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+      os.environ.setdefault(key, value)
+
+
 def run(fn: Callable[[], T], *, traceback: bool = False) -> T:
   """fn(), with a user error turned into `error: <message>` on one line and exit status 1."""
   try:

@@ -10,8 +10,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # timm must never reach for the hub
 os.environ.setdefault('TFDS_DATA_DIR', '/nonexistent-tfds-data-dir')  # a test that forgets data_dir fails fast
-# libtpu (TPU compiles, tests/test_aot.py): no TPU hosts to look for, and both pytest workers may load it
-for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_ACCELERATOR_TYPE', 'v3-8'),
-                   ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
-  os.environ.setdefault(key, value)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mixer_jax import cli  # noqa: E402  (no JAX inside)
+
+cli.tpu_compiler_environment()  # TPU compiles (tests/test_aot.py) in both pytest workers
