@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import checkpoint, flops, models, sharding, trainer
+from mixer_jax import checkpoint, config_checks, flops, models, sharding, trainer
 
 NOMINAL_STEPS = 10_000
 
@@ -112,6 +112,7 @@ def chip_of(device) -> Chip:
 # ------------------------------------------------------------------------------------------------ the program
 def build(config, mesh) -> trainer.Run:
   """`trainer.build` with the config's durations where it gives steps, nominal ones otherwise."""
+  config_checks.check(config)
   warmup = config.schedule.get('warmup_steps')
   total = config.get('total_steps') or max(NOMINAL_STEPS, 10 * (warmup or 0))
   warmup = total // 10 if warmup is None else warmup  # epochs or examples would need the dataset's size

@@ -2,6 +2,7 @@
 
   python -m mixer_jax.bench model --model mixer_b16,davit_tiny --mode train,infer --batch 256 --dtype bfloat16
   python -m mixer_jax.bench input --pp "decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)"
+  python -m mixer_jax.bench checkpoint --model mixer_b16 --batch 32 --every 10 --steps 20  (train step time +- saves)
 
 `model`: the real train step (`trainer.make_train_step`, the function train.py runs, with the optimizer, loss
 and mixup of the family's recipe) or the inference forward pass, on a mesh over all devices, fed synthetic
@@ -23,6 +24,7 @@ A new benchmark adds an `_add_<name>_parser(subparsers)` that sets `run=` to its
 from `main`.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,6 +66,13 @@ def write_image_folder(root: str, num_images: int, *, sizes=IMAGENET_SIZES, num_
   return root
 
 
+def append_jsonl(path: str | None, row: dict) -> None:
+  """Appends `row` as one JSON line to `path` (the commands' --jsonl; None: nowhere)."""
+  if path:
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+
 def cpu_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
@@ -100,10 +109,10 @@ def _run_input(args):
 def _add_input_parser(subparsers):
   p = subparsers.add_parser('input', help='input pipeline throughput on synthetic JPEGs')
   p.add_argument('--pp', default=DEFAULT_PP, help='train pre-processing string')
-  p.add_argument('--batch_size', type=int, default=256)
-  p.add_argument('--num_images', type=int, default=1024, help='synthetic JPEGs written (one epoch)')
-  p.add_argument('--steps', type=int, default=20, help='timed batches')
-  p.add_argument('--warmup', type=int, default=3, help='untimed batches first')
+  p.add_argument('--batch_size', type=cli.at_least(1), default=256)
+  p.add_argument('--num_images', type=cli.at_least(1), default=1024, help='synthetic JPEGs written (one epoch)')
+  p.add_argument('--steps', type=cli.at_least(1), default=20, help='timed batches')
+  p.add_argument('--warmup', type=cli.at_least(0), default=3, help='untimed batches first')
   p.add_argument('--cache', choices=('raw', 'decoded'), default=None)
   p.add_argument('--workdir', default=None, help='where the temporary image folder goes (default: $TMPDIR)')
   p.set_defaults(run=_run_input)
@@ -115,6 +124,7 @@ def _add_input_parser(subparsers):
 GPU_PEAK_TFLOPS = (('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0), ('L4', 121.0),
                    ('A10G', 70.0), ('RTX 4090', 165.0))
 RECIPES = {'mixer': 'mixer_i1k', 'convmixer': 'convmixer_i1k', 'davit': 'davit_i1k'}
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -125,14 +135,23 @@ def peak_tflops(device_kind: str) -> float | None:
   return next((tf for kind, tf in GPU_PEAK_TFLOPS if kind in device_kind), None)
 
 
+def parse_mesh(text: str) -> tuple[int, ...]:
+  """--mesh: 'data,fsdp,model' sizes, '(-1,1,1)' style."""
+  try:
+    return tuple(int(x) for x in text.strip('()').split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not three comma-separated sizes such as -1,1,1') from None
+
+
 def bench_config(name: str, *, batch: int, res: int | None = None, dtype: str = 'float32', recipe: str | None = None,
                  mesh_shape=(-1, 1, 1), model_options: dict | None = None):
-  """The family's recipe (configs/<recipe>.py[:args], default <family>_i1k) with `name` (and `model_options`)
-  as its model."""
-  import importlib
+  """The family's recipe (a name in configs/ or a recipe file, with its [:args]; default <family>_i1k) with
+  `name` (and `model_options`) as its model."""
   from mixer_jax import models
-  module, _, arg = (recipe or RECIPES[models.family(name)]).partition(':')
-  c = importlib.import_module(f'configs.{module}').get_config(arg or None)
+  path, colon, arg = (recipe or RECIPES[models.family(name)]).partition(':')
+  if not path.endswith('.py'):  # a name: configs/<name>.py of this checkout
+    path = os.path.join(CONFIGS, f'{path}.py')
+  c = cli.load_recipe(path + colon + arg)
   c.model.name = name
   c.model.dtype = dtype
   if res:
@@ -328,7 +347,6 @@ def table_header() -> str:
 
 
 def _run_model(args):
-  import json
   from mixer_jax import models
   names = args.model.split(',')
   for name in names:
@@ -349,9 +367,7 @@ def _run_model(args):
       elif abs(row['xla_over_analytic'] - 1) > 0.1:  # e.g. XLA:CPU runs grouped-convolution gradients densely
         print(f'  note: XLA executes {row["xla_over_analytic"]:.1f}x the model FLOPs of mixer_jax.flops here; '
               f'the MFU of the model FLOPs is in the JSON (mfu_analytic)', flush=True)
-      if args.jsonl:
-        with open(args.jsonl, 'a') as f:
-          f.write(json.dumps(row) + '\n')
+      append_jsonl(args.jsonl, row)
 
 
 def _add_model_parser(subparsers):
@@ -359,27 +375,109 @@ def _add_model_parser(subparsers):
   p.add_argument('--model', required=True, help='model name(s), comma-separated, e.g. mixer_b16,davit_tiny')
   p.add_argument('--model_options', default='', help='model overrides key=value,..., e.g. num_blocks=2')
   p.add_argument('--mode', default='train', help='train, infer or train,infer')
-  p.add_argument('--batch', type=int, default=32, help='global batch')
-  p.add_argument('--res', type=int, default=None, help='image size (default: the model\'s, 224)')
+  p.add_argument('--batch', type=cli.at_least(1), default=32, help='global batch')
+  p.add_argument('--res', type=cli.at_least(1), default=None, help='image size (default: the model\'s, 224)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='compute dtype (parameters '
                  'and norms stay float32)')
-  p.add_argument('--recipe', default=None, help='configs/<recipe>.py[:args] giving optimizer, loss, mixup '
-                 '(default: <family>_i1k)')
-  p.add_argument('--mesh', type=lambda s: tuple(int(x) for x in s.strip('()').split(',')), default=(-1, 1, 1),
+  p.add_argument('--recipe', default=None, help='a recipe giving optimizer, loss, mixup: a name in configs/ or a '
+                 'file, with [:args] (default: <family>_i1k)')
+  p.add_argument('--mesh', type=parse_mesh, default=(-1, 1, 1),
                  help='mesh shape data,fsdp,model (default -1,1,1: data parallel over every device)')
-  p.add_argument('--steps', type=int, default=5, help='steps per timed repeat')
-  p.add_argument('--repeats', type=int, default=5, help='timed repeats; the median is reported')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
-  p.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s per device for MFU (default: '
-                 'from the device kind; none on CPU)')
+  p.add_argument('--steps', type=cli.at_least(1), default=5, help='steps per timed repeat')
+  p.add_argument('--repeats', type=cli.at_least(1), default=5, help='timed repeats; the median is reported')
+  p.add_argument('--warmup', type=cli.at_least(0), default=2, help='untimed steps after compilation')
+  p.add_argument('--peak_tflops', type=cli.at_least(0, float, exclusive=True), default=None,
+                 help='peak TFLOP/s per device for MFU (default: from the device kind; none on CPU)')
   p.add_argument('--baseline', action='store_true', help='also time a plain linen + optax step (train only)')
   p.add_argument('--jsonl', default=None, help='append one JSON object per row to this file')
   p.set_defaults(run=_run_model)
 
 
+# ------------------------------------------------------------------------------------------------ checkpoint
+def checkpoint_benchmark(name: str, *, batch: int = 32, every: int = 10, steps: int = 20, repeats: int = 3,
+                         model_options: dict | None = None, workdir: str | None = None) -> dict:
+  """The real train step's median time per step without checkpoints and with `Checkpointer(async_save=True)`
+  saving (state and checksums) every `every` steps into a temporary directory, their repeats taking turns
+  (`_time_calls`); also the median time a save call blocks and that of the checksum pass alone.
+
+  A repeat with checkpoints ends when its last save is on disk, so a background write never spills into the other
+  call's time: the ratio is an upper bound on what saving costs a run.
+  """
+  import jax
+  from mixer_jax import checkpoint, sharding
+  if steps < every:
+    raise ValueError(f'--steps {steps} < --every {every}: a timed repeat would save no checkpoint; give --steps '
+                     '>= --every')
+  step = compile_step(name, batch=batch, model_options=model_options)
+  data = sharding.global_batch(step.host_batch, step.mesh)
+  state, counts, blocking, warmup = step.state, {False: 0, True: 0}, [], 1
+
+  with tempfile.TemporaryDirectory(dir=workdir) as root:
+    ckpt = checkpoint.Checkpointer(root, keep=2, async_save=True)
+    ckpt.save(0, state)  # compiles the checksum pass and sets orbax up, untimed
+    ckpt.wait()
+
+    def train(saving: bool):
+      def call():
+        nonlocal state
+        state, metrics = step.compiled(state, data)  # the state is donated: feed each step the last one
+        counts[saving] = n = counts[saving] + 1
+        if saving and n % every == 0:
+          jax.block_until_ready(state)  # the steps dispatched ahead finish here, not inside the save's time
+          start = time.perf_counter()
+          ckpt.save(n, state)
+          blocking.append(time.perf_counter() - start)
+        if saving and (n - warmup) % steps == 0:  # the last call of the warm-up or of a timed repeat
+          ckpt.wait()
+        return metrics
+      return call
+
+    times = _time_calls({'without': train(False), 'with': train(True)}, steps=steps, repeats=repeats, warmup=warmup)
+    checksum_s = []
+    for _ in range(3):
+      start = time.perf_counter()
+      checkpoint.checksums(state)
+      checksum_s.append(time.perf_counter() - start)
+    ckpt.close()
+  without, with_saves = float(np.median(times['without'])), float(np.median(times['with']))
+  return dict(model=name, batch=batch, devices=step.mesh.devices.size, every=every, steps=steps, repeats=repeats,
+              state_gib=sum(x.nbytes for x in jax.tree.leaves(state)) / 2**30, step_s=without,
+              step_s_with_saves=with_saves, ratio=with_saves / without, step_s_repeats=times['without'],
+              step_s_with_saves_repeats=times['with'], saves=len(blocking),
+              save_blocking_s=float(np.median(blocking)), checksum_s=float(np.median(checksum_s)))
+
+
+def _run_checkpoint(args):
+  from mixer_jax import models
+  models.variant(args.model)  # an unknown name fails before anything is compiled, listing the known ones
+  row = checkpoint_benchmark(args.model, batch=args.batch, every=args.every, steps=args.steps, repeats=args.repeats,
+                             model_options=cli.parse_options(args.model_options, '--model_options'),
+                             workdir=args.workdir)
+  print(f'{row["model"]} train step, batch {row["batch"]} on {row["devices"]} devices, train state '
+        f'{row["state_gib"]:.3f} GiB; async checkpoint every {row["every"]} steps; {row["repeats"]} repeats of '
+        f'{row["steps"]} steps taking turns, medians:')
+  print(f'  without checkpoints {row["step_s"] * 1e3:.1f} ms/step; with {row["step_s_with_saves"] * 1e3:.1f} '
+        f'ms/step: ratio {row["ratio"]:.3f}')
+  print(f'  a save call blocks {row["save_blocking_s"] * 1e3:.1f} ms ({row["saves"]} saves); the checksum pass in it '
+        f'takes {row["checksum_s"] * 1e3:.1f} ms alone')
+  append_jsonl(args.jsonl, row)
+
+
+def _add_checkpoint_parser(subparsers):
+  p = subparsers.add_parser('checkpoint', help='train step time without and with async checkpoints')
+  p.add_argument('--model', required=True, help='model name, e.g. mixer_b16')
+  p.add_argument('--model_options', default='', help='model overrides key=value,..., e.g. num_blocks=2')
+  p.add_argument('--batch', type=cli.at_least(1), default=32, help='global batch')
+  p.add_argument('--every', type=cli.at_least(1), default=10, help='steps between checkpoints')
+  p.add_argument('--steps', type=cli.at_least(1), default=20, help='steps per timed repeat (>= --every)')
+  p.add_argument('--repeats', type=cli.at_least(1), default=3, help='timed repeats of each; the median is reported')
+  p.add_argument('--workdir', default=None, help='where the temporary checkpoints go (default: $TMPDIR)')
+  p.add_argument('--jsonl', default=None, help='append the row as one JSON object to this file')
+  p.set_defaults(run=_run_checkpoint)
+
+
 # --------------------------------------------------------------------------------------------------- compile
 def _run_compile(args):
-  import json
   cli.tpu_compiler_environment()
   config = cli.load_config(args.config_args)
   from mixer_jax import aot
@@ -394,9 +492,7 @@ def _run_compile(args):
     print(f'compiling {given} for {args.topology} ...', flush=True)
     report = aot.compile_run(config, args.topology, steps=('train',) if args.train_only else ('train', 'eval'))
   print(aot.format_report(report))
-  if args.jsonl:
-    with open(args.jsonl, 'a') as f:
-      f.write(json.dumps(dict(report, config=args.config_args)) + '\n')
+  append_jsonl(args.jsonl, dict(report, config=args.config_args))
   if not report['train']['fits']:
     sys.exit(f'error: the train step does not fit on {args.topology}{aot.over_text(report["train"])}: shard '
              'parameters and optimizer state (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
@@ -418,19 +514,23 @@ def _add_compile_parser(subparsers):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m mixer_jax.bench', description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(prog='python -m mixer_jax.bench', description=__doc__.split('\n')[0])
   subparsers = parser.add_subparsers(dest='command', required=True)
   _add_model_parser(subparsers)
   _add_input_parser(subparsers)
   _add_compile_parser(subparsers)
+  _add_checkpoint_parser(subparsers)
   args, rest = parser.parse_known_args(argv)
   if args.command == 'compile':  # --config=... and --config.field=value, read as train.py reads them
     args.config_args = [a for a in rest if a.startswith('--config')]
     rest = [a for a in rest if not a.startswith('--config')]
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
+  if getattr(args, 'jsonl', None):
+    cli.run(lambda: cli.check_output_file(args.jsonl, '--jsonl'))
   cli.run(lambda: args.run(args))
 
 if __name__ == '__main__':
+  cli.quiet_libtpu_probe()
   cli.preload_tcmalloc()
   main()

@@ -1,18 +1,25 @@
 """What the command-line tools (train.py, eval.py, python -m mixer_jax.convert / .bench) share: quiet library logs,
 `key=value,...` option strings, user errors reported on one line, tcmalloc, multi-process start-up."""
+import argparse
 import ast
+import difflib
 import glob
 import logging
+import math
 import os
+import pathlib
+import re
 import sys
+import tempfile
 from typing import Callable, TypeVar
 
 from absl import flags as absl_flags
 
 # Libraries that log every file they touch at INFO; their warnings still show.
 _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/jax/_src/xla_bridge.py')
-# What bad input raises: configs, files, shapes, a diverging run. Anything else is a bug and keeps its stack.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# What bad input raises: configs, shapes, files and folders (OSError: missing, unwritable, a file where a folder
+# should be), a diverging run. Anything else is a bug and keeps its stack.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 T = TypeVar('T')
 
 
@@ -38,28 +45,84 @@ def parse_options(text: str, what: str = 'options') -> dict:
   return options
 
 
-def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
-  """absl flag parsing of `argv` into `flag_values` (which define a `config` file flag), with config mistakes
-  (a missing recipe, its get_config failing, a malformed value, a field the config lacks) on one line."""
+def did_you_mean(word: str, choices, prefix: str = '') -> str:
+  """' (did you mean <prefix>a or <prefix>b?)' naming the `choices` closest to a mistyped `word`; '' if none is."""
+  close = difflib.get_close_matches(word, list(choices), n=3)
+  return f' (did you mean {" or ".join(prefix + c for c in close)}?)' if close else ''
+
+
+def load_recipe(spec: str):
+  """The ConfigDict of `--config=<path>[:arg]`: the recipe file's get_config(arg) (get_config() without a colon,
+  as ml_collections calls it), with each way that can fail (no file, a syntax error, no get_config, get_config
+  raising or returning something else) as one ValueError naming the recipe."""
+  from ml_collections import ConfigDict
+  path, colon, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    recipes = ', '.join(p for p in sorted(glob.glob('configs/*.py')) if 'def get_config' in pathlib.Path(p).read_text())
+    raise ValueError(f'--config={spec}: no recipe file {path!r} (recipes: {recipes})')
   try:
-    remaining = flag_values(argv)
-    flag_values.config.keys()  # ml_collections defers a failure to load the file until first use
-    return remaining
-  except IOError as error:  # a missing recipe file, or its get_config failing (e.g. a missing image folder)
-    given = next((arg.partition('=')[2] for arg in reversed(argv) if arg.startswith('--config=')), 'the --config')
-    reason = str(error).splitlines()[-1].strip().removeprefix(
-        'Configuration is not available because of an earlier failure to load: ')
-    sys.exit(f'error: cannot load {given}: {reason}')
-  except absl_flags.Error as error:  # a malformed value, or an error raised by the recipe's get_config
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    sys.exit(f'error: {lines[-1] if "Traceback" in str(error) else lines[0]}')
-  except (AttributeError, KeyError) as error:  # an override of a field the config does not have
-    missing = str(error).strip('"\'')
-    for arg in argv:
-      path = arg.partition('=')[0].removeprefix('--config.')
-      if arg.startswith('--config.') and path.split('.')[-1] == missing:
-        sys.exit(f'error: --config.{path}: the config has no field {path!r} (see the recipe file for its fields)')
-    raise
+    with open(path) as f:
+      code = compile(f.read(), path, 'exec')
+  except SyntaxError as error:
+    raise ValueError(f'--config={spec}: {path} line {error.lineno}: {error.msg}: fix the recipe') from None
+  except (OSError, UnicodeDecodeError) as error:
+    raise ValueError(f'--config={spec}: cannot read {path}: {error}') from None
+  module = {'__name__': 'recipe', '__file__': path}
+  try:
+    exec(code, module)  # the user's own recipe, run as ml_collections runs it
+    if not callable(module.get('get_config')):
+      raise ValueError(f'{path} defines no get_config(arg) function')
+    config = module['get_config'](arg) if colon else module['get_config']()
+  except Exception as error:  # whatever the recipe raises is the recipe's message
+    text = str(error).strip().replace('\n', ' ')
+    if not isinstance(error, USER_ERRORS):
+      text = f'{type(error).__name__}: {text}'
+    raise ValueError(f'--config={spec}: {text}') from error
+  if not isinstance(config, ConfigDict):
+    raise ValueError(f'--config={spec}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict')
+  return config
+
+
+def check_overrides(config, argv: list[str]) -> None:
+  """Every `--config.<field>=value` of `argv` names a field of `config`; else a ValueError naming the closest."""
+  for arg in argv:
+    match = re.match(r'--(?:no)?config\.([^=]+)', arg)
+    if not match:
+      continue
+    node, walked = config, []
+    for part in match.group(1).split('.'):
+      where = 'config' + ''.join(f'.{w}' for w in walked)
+      if not hasattr(node, 'keys'):
+        raise ValueError(f'--{match.group(0).lstrip("-")}: {where} is a value, not a group of fields: set it whole '
+                         f'(--{where}=...)')
+      if part not in node:
+        hint = did_you_mean(part, list(node.keys()), prefix=f'--{where}.') or (
+            f' ({where} has {", ".join(node.keys()) or "no fields"})')
+        raise ValueError(f'--{match.group(0).lstrip("-")}: {where} has no field {part!r}{hint}')
+      node = node[part]
+      walked.append(part)
+
+
+def parse_flags(flag_values, argv: list[str]) -> list[str]:
+  """absl flag parsing of `argv` into `flag_values`, a malformed value or an unknown or missing flag on one line."""
+  try:
+    return flag_values(argv)
+  except absl_flags.Error as error:
+    sys.exit(f'error: {str(error).strip().splitlines()[0]}')
+
+
+def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
+  """`parse_flags` for commands with a `--config` recipe: the recipe is loaded and the overridden fields are looked
+  up first (`load_recipe`, `check_overrides`), so what ml_collections and absl report is only a malformed value."""
+  spec = next((a.partition('=')[2] for a in reversed(argv) if a.startswith('--config=')), None)
+  if spec is not None:
+    try:
+      check_overrides(load_recipe(spec), argv)
+    except ValueError as error:
+      if '--traceback' in argv:
+        raise
+      sys.exit(f'error: {error}')
+  return parse_flags(flag_values, argv)
 
 
 def load_config(args: list[str]):
@@ -76,15 +139,75 @@ def load_config(args: list[str]):
   return flag_values.config
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line, `error: <command>: <what>`, with exit status 1, as every other bad
+  input (argparse's own prints the usage and exits 2)."""
+
+  def error(self, message):
+    sys.exit(f'error: {self.prog}: {message} (--help lists the options)')
+
+
+def at_least(low, kind=int, *, exclusive: bool = False):
+  """An argparse type: a `kind` number >= `low` (> with `exclusive`): a batch of 0 or -1 steps is a usage error,
+  not a crash."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}') from None
+    if not (math.isfinite(value) and (value > low if exclusive else value >= low)):
+      raise argparse.ArgumentTypeError(f'{text} must be {">" if exclusive else ">="} {low}')
+    return value
+  return parse
+
+
+def check_output_file(path: str, what: str) -> None:
+  """Raises now, before the work whose result goes to `path`, if it cannot be written there (tried with a
+  temporary file: permission bits say nothing to root or on network file systems)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f'{what} {path} is a directory: give a file name')
+  parent = next((p for p in _ancestors(folder) if os.path.exists(p)), '/')
+  if not os.path.isdir(parent):
+    raise ValueError(f'{what} {path}: {parent} is a file, not a folder')
+  if parent != folder:
+    raise ValueError(f'{what} {path}: the folder {folder} does not exist: create it first')
+  try:
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as error:
+    raise ValueError(f'{what} {path}: cannot write in {folder} ({error.strerror})') from None
+
+
+def _ancestors(path: str):
+  """`path`, its parent, ... up to the root."""
+  while True:
+    yield path
+    if os.path.dirname(path) == path:
+      return
+    path = os.path.dirname(path)
+
+
+# What tells libtpu (installed by requirements-dev.txt, for TPU compiles) that this host has no TPU to look for.
+_NO_TPU_HOST = (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_ACCELERATOR_TYPE', 'v3-8'))
+
+
+def quiet_libtpu_probe() -> None:
+  """Call before JAX loads. Where libtpu is installed but no TPU is attached (no /dev/accel*, /dev/vfio/<n>), JAX
+  still loads libtpu, which asks the cloud metadata server about TPU hosts and prints a page of warnings before
+  JAX falls back to the CPU or GPU; telling it there are none keeps every command's output clean."""
+  if not (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+    for key, value in _NO_TPU_HOST:
+      os.environ.setdefault(key, value)
+
+
 def tpu_compiler_environment() -> None:
   """Call before JAX loads, to compile for TPUs with libtpu's compiler on a machine without one (the bench's
-  `compile`, the tests): JAX runs on the CPU; libtpu still probes for local TPU hosts when it loads, and these
-  values tell it there are none to find (else it prints a page of warnings); with no TPU to guard, several
-  processes may load it at once (else all but the first fail on its lockfile)."""
+  `compile`, the tests): JAX runs on the CPU, libtpu is told there are no TPU hosts to probe, and, with no TPU to
+  guard, several processes may load it at once (else all but the first fail on its lockfile)."""
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if os.environ['JAX_PLATFORMS'] == 'cpu':
-    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                       ('TPU_ACCELERATOR_TYPE', 'v3-8'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+    for key, value in (*_NO_TPU_HOST, ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
       os.environ.setdefault(key, value)
 
 
@@ -128,15 +251,21 @@ def preload_tcmalloc() -> None:
 
 
 # ----------------------------------------------------------------------------------------- multi-process jobs
-def define_distributed_flags(flags) -> None:
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process jobs started by hand '
-                      '(auto-detected on Cloud TPU pods, SLURM and Open MPI).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
-  flags.DEFINE_list('local_device_ids', None, 'Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one '
-                    'process per node under SLURM (whose detection otherwise gives each process one GPU).')
-  flags.DEFINE_integer('heartbeat_timeout', 100, 'Seconds after which a silent process counts as dead and the '
-                       'job stops with an error instead of hanging.')
+def define_distributed_flags(flag_values) -> None:
+  """The multi-process flags of train.py and eval.py, on their `absl.flags.FlagValues` (the command adopts them
+as its key flags, so its --help lists them)."""
+  define = dict(flag_values=flag_values)
+  absl_flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process jobs started by '
+                           'hand (auto-detected on Cloud TPU pods, SLURM and Open MPI).', **define)
+  absl_flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).', lower_bound=1,
+                            **define)
+  absl_flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).', lower_bound=0,
+                            **define)
+  absl_flags.DEFINE_list('local_device_ids', None, 'Accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one '
+                         'process per node under SLURM (whose detection otherwise gives each process one GPU).',
+                         **define)
+  absl_flags.DEFINE_integer('heartbeat_timeout', 100, 'Seconds after which a silent process counts as dead and the '
+                            'job stops with an error instead of hanging.', lower_bound=1, **define)
 
 
 def _detected_cluster() -> str | None:

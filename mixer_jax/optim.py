@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ('cosine', 'linear', 'constant', 'onecycle')
+OPTIMIZERS = ('adam', 'sgd')
+WEIGHT_DECAY_STYLES = ('adamw', 'big_vision')
 
 
 def schedule_fn(kind: str, *, total_steps: int, warmup_steps: int = 0, warmup_init: float = 0.0,
@@ -99,15 +101,15 @@ def _base_optimizer(name: str, kw: dict) -> optax.GradientTransformation:
       return optax.identity()
     return optax.trace(decay=momentum, nesterov=kw.get('nesterov', False),
                        accumulator_dtype=dtype(kw.get('accumulator_dtype')))
-  raise ValueError(f"unknown optimizer {name!r}; choose 'adam' or 'sgd'")
+  raise ValueError(f'unknown optimizer {name!r}; choose one of {OPTIMIZERS}')
 
 
 def make(config, params, *, total_steps: int, warmup_steps: int):
   """(optax transformation, learning-rate function of the step) for a parameter tree (shapes suffice)."""
   kw = {k: v for k, v in dict(config.optimizer_kw).items() if v is not None}
   base = _base_optimizer(config.optimizer, kw)
-  if config.weight_decay_style not in ('adamw', 'big_vision'):
-    raise ValueError(f"weight_decay_style {config.weight_decay_style!r} must be 'adamw' or 'big_vision'")
+  if config.weight_decay_style not in WEIGHT_DECAY_STYLES:
+    raise ValueError(f'weight_decay_style {config.weight_decay_style!r} must be one of {WEIGHT_DECAY_STYLES}')
   decay = config.weight_decay * (config.lr if config.weight_decay_style == 'adamw' else 1.0)
   sched = schedule_fn(config.schedule.type, total_steps=total_steps, warmup_steps=warmup_steps,
                       warmup_init=config.schedule.warmup_init, end=config.schedule.end)

@@ -98,14 +98,19 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, name: str = 'batch_size') -> int:
-  """The per-process batch; the global one must split evenly over data-parallel devices and processes."""
+def check_batch_size(global_batch: int, mesh: Mesh, name: str = 'batch_size', accum_steps: int = 1) -> int:
+  """The per-process batch; the global one must split evenly over data-parallel devices and processes, and each of
+  `accum_steps` micro-batches too."""
   dp, processes = data_parallel_size(mesh), jax.process_count()
   if global_batch % dp:
     raise ValueError(f'{name} {global_batch} is not divisible by the {dp} data-parallel devices of mesh '
                      f'{dict(mesh.shape)} (data x fsdp): use a multiple of {dp}')
   if global_batch % processes:
     raise ValueError(f'{name} {global_batch} is not divisible by the {processes} processes')
+  if global_batch % (dp * accum_steps):
+    raise ValueError(f'accum_steps {accum_steps} does not divide the {global_batch // dp} examples per data-parallel '
+                     f'device of {name} {global_batch}: use a batch_size that is a multiple of {dp * accum_steps} or '
+                     'an accum_steps that divides the per-device batch')
   return global_batch // processes
 
 

@@ -26,7 +26,7 @@ import optax
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer_jax import checkpoint, data, losses, mixup, models, optim, sharding
+from mixer_jax import checkpoint, cli, config_checks, data, losses, mixup, models, optim, sharding
 from mixer_jax.convert import transfer
 from mixer_jax.evaluators import classification, fewshot
 
@@ -40,18 +40,13 @@ class TrainState:
   rng: jax.Array  # raw uint32 key; step t uses fold_in(rng, t)
 
 
-def resolve_steps(config, name: str, *, num_examples: int | None, batch_size: int,
-                  required: bool = True) -> int | None:
-  """The duration `name` in steps, from whichever of <name>_steps/_epochs/_examples is set."""
+def resolve_steps(config, name: str, *, num_examples: int | None, batch_size: int) -> int | None:
+  """The duration `name` in steps, from whichever of <name>_steps/_epochs/_examples is set (None: none is;
+  `config_checks` has made sure at most one is, and positive)."""
   given = {unit: config.get(f'{name}_{unit}') for unit in ('steps', 'epochs', 'examples')}
-  given = {unit: value for unit, value in given.items() if value is not None}
-  if len(given) > 1 or (required and not given):
-    raise ValueError(f'set exactly one of {name}_steps, {name}_epochs, {name}_examples (got {given or "none"})')
-  if not given:
-    return None
-  (unit, value), = given.items()
-  if unit == 'steps':
-    return int(value)
+  unit, value = next(((u, v) for u, v in given.items() if v is not None), (None, None))
+  if unit in (None, 'steps'):
+    return value
   if unit == 'epochs':
     if num_examples is None:
       raise ValueError(f'{name}_epochs needs the size of the training split; give {name}_steps instead')
@@ -286,19 +281,62 @@ def _memory_report(compiled) -> str:
 
 
 class _JsonlWriter:
-  """metrics.jsonl in the workdir: one JSON object per step written (process 0 only)."""
+  """metrics.jsonl in the workdir: one JSON object per step written (process 0 only), as one run even after
+  restarts: `resume(step, ...)` first drops what the interrupted run logged after the checkpoint it resumes from."""
 
   def __init__(self, path: str, enabled: bool):
-    self._file = open(path, 'a') if enabled else None
+    self._path, self._file = path, None
+    self._enabled = enabled
+
+  def resume(self, step: int, *, evaluations_repeat: bool) -> None:
+    """Keeps the rows of steps before `step`, and those at `step` the resumed run will not write again: its train
+    row (logged before the save), and evaluations unless they repeat (a finished run evaluates once more)."""
+    if not self._enabled:
+      return
+    rows = []
+    if os.path.exists(self._path):
+      with open(self._path) as f:
+        rows = [(line, _row(line)) for line in f if line.strip()]
+    with open(self._path, 'w') as f:
+      f.writelines(line for line, row in rows if row and _kept(row, step, evaluations_repeat))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    if self._file:
+    if self._enabled:
+      self._file = self._file or open(self._path, 'a')
       self._file.write(json.dumps({'step': step, **metrics}) + '\n')
       self._file.flush()
 
   def close(self) -> None:
     if self._file:
       self._file.close()
+
+
+def _row(line: str) -> dict | None:
+  """A metrics.jsonl row; None for a line torn by a kill in mid-write (it held nothing whole)."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    logging.warning('metrics.jsonl: dropping a torn line (%d characters) left by an interrupted run', len(line))
+    return None
+  return row if isinstance(row, dict) and isinstance(row.get('step'), int) else None
+
+
+def _kept(row: dict, step: int, evaluations_repeat: bool) -> bool:
+  if row['step'] != step:
+    return row['step'] < step
+  return any(k.startswith('train/') for k in row) or not evaluations_repeat
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir`; a path that cannot be one (a file, an unwritable place) is a one-line error now, not
+  after the data are read and the step compiled."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir} is a file: give a directory (it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f'--workdir {workdir} cannot be created ({error.strerror}): give a writable directory') from None
+  cli.check_output_file(os.path.join(workdir, 'metrics.jsonl'), '--workdir')
 
 
 def profile_steps(config, total_steps: int) -> range:
@@ -321,8 +359,9 @@ def _stop_trace(state, trace_dir: str) -> None:
 
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
-  # --- Logging -------------------------------------------------------------------------------------------
-  os.makedirs(workdir, exist_ok=True)
+  # --- Config, logging -----------------------------------------------------------------------------------
+  config_checks.check(config)
+  prepare_workdir(workdir)
   primary = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
   jsonl = _JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), primary)
@@ -333,7 +372,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   # --- Mesh ----------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
   num_devices = mesh.devices.size
-  sharding.check_batch_size(config.input.batch_size, mesh)  # early: the pre-flight report comes after the model
+  sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.accum_steps)
 
   # --- Input pipeline ------------------------------------------------------------------------------------
   train_examples = data.num_examples(config.input.dataset, config.input.split, data_dir=config.input.data_dir)
@@ -341,7 +380,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   durations = functools.partial(resolve_steps, config, num_examples=train_examples, batch_size=batch_size)
   total_steps = durations('total')
   log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
-  eval_every = durations('eval_every', required=False)
+  eval_every = durations('eval_every')
   warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
   traced = profile_steps(config, total_steps)
 
@@ -352,8 +391,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_every_steps=config.checkpoint.keep_every_steps,
                                  async_save=config.checkpoint.async_save)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(checkpoint.abstract_like(shapes, shardings))
+  # The newest checkpoint that restores whole; damaged ones are moved aside (checkpoint.py).
+  state = ckpt.restore_newest(checkpoint.abstract_like(shapes, shardings))
+  if state is not None:
     logging.info('resumed from %s at step %d', ckpt.directory, int(state.step))
   else:
     state = init_state(model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
@@ -366,6 +406,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)
+  jsonl.resume(start_step, evaluations_repeat=start_step >= total_steps)
   if primary:
     overview = parameter_overview.get_parameter_overview(shapes.params, include_stats=False)
     logging.info('parameters of %s:\n%s', config.model.name, overview)

@@ -132,9 +132,9 @@ def test_a_config_that_does_not_fit_is_refused(tmp_path, capsys):
     (['--topology=v3_8'], "error: topology 'v3_8': give <generation>:<chip grid>"),
     (['--topology=v3:3x5'], "error: topology 'v3:3x5': INVALID_ARGUMENT"),
     (['--topology=v3:2x2', '--config.mesh.shape=(3,-1,1)'], 'error: mesh shape (3, -1, 1): the fixed axes'),
-    (['--topology=v3:2x2', '--config.model.name=mixer_b17'], "error: unknown model 'mixer_b17'"),
+    (['--topology=v3:2x2', '--config.model.name=mixer_b17'], "error: config.model.name = 'mixer_b17': unknown model (did you mean mixer_b16"),
     (['--topology=v3:2x2', '--config.input.batch_size=12'], 'error: batch_size 12 is not divisible by the 8'),
-    (['--topology=v3:2x2', '--config.nope=1'], "error: --config.nope: the config has no field 'nope'"),
+    (['--topology=v3:2x2', '--config.nope=1'], "error: --config.nope: config has no field 'nope'"),
 ])
 def test_bad_input_is_one_line(args, message):
   with pytest.raises(SystemExit) as exit:

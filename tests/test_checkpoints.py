@@ -325,7 +325,7 @@ def test_convert_cli_round_trips_npz_timm_orbax(tmp_path):
   bad = subprocess.run([sys.executable, '-m', 'mixer_jax.convert', '--from=timm', '--to=orbax', '--model=mixer_s16',
                         str(tmp_path / 'a.npz'), str(tmp_path / 'x')], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
-      f'error: {tmp_path / "a.npz"} is a npz checkpoint, not timm')
+      f'error: {tmp_path / "a.npz"} is in the npz format, not timm: give --from=npz')
 
 
 def test_pretrained_table_entries_are_usable():

@@ -1,18 +1,40 @@
 """python -m mixer_jax.convert --from {npz,timm,orbax} --to {orbax,npz,timm} --model NAME IN OUT
 
 Converts a checkpoint between Google's Mixer .npz, timm/PyTorch (.safetensors or .pth) and orbax, checking every
-name and shape against the model (options with --model_options key=value,...). Errors are one line.
+name and shape against the model (options with --model_options key=value,...). The input (what it holds, that
+--from says so), the model and its options and the output (its folder, a suffix the format is read back by) are
+checked before anything is loaded; every error is one line, `error: ...`, with exit status 1.
 """
-import argparse
+import importlib.util
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from mixer_jax import cli  # noqa: E402  (light: no JAX inside)
+
 _FORMAT_OF = {'npz': 'npz', 'safetensors': 'timm', 'torch': 'timm', 'orbax': 'orbax'}
 
 
+def check_output(path: str, target: str, model: str) -> None:
+  """`path` can be written as `target`, in a form `convert.load` reads back, for `model`."""
+  from mixer_jax import models
+  from mixer_jax.convert import files
+  if target == 'orbax' and os.path.exists(path):
+    raise ValueError(f'output {path} already exists: --to=orbax writes a new directory; give a new name')
+  suffixes = {'npz': ('.npz',), 'timm': ('.safetensors', *files.TORCH_SUFFIXES)}.get(target, ())
+  if suffixes and not path.lower().endswith(suffixes):
+    raise ValueError(f'output {path}: --to={target} files are read back by their suffix, {", ".join(suffixes)}: '
+                     'name the output so')
+  if target == 'npz' and models.family(model) != 'mixer':
+    raise ValueError(f'--to=npz writes Google\'s MLP-Mixer layout, and {model} is a {models.family(model)}: use '
+                     '--to=timm or --to=orbax')
+  if target == 'timm' and not path.lower().endswith('.safetensors') and not importlib.util.find_spec('torch'):
+    raise ValueError(f'output {path}: writing PyTorch files needs PyTorch (pip install torch): write .safetensors')
+  cli.check_output_file(path, 'output')
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mixer_jax.convert', description=__doc__.splitlines()[2])
+  parser = cli.ArgumentParser(prog='python -m mixer_jax.convert', description=__doc__.splitlines()[2])
   parser.add_argument('--from', dest='source', choices=('npz', 'timm', 'orbax'), required=True)
   parser.add_argument('--to', dest='target', choices=('orbax', 'npz', 'timm'), required=True)
   parser.add_argument('--model', required=True, help='mixer_jax model name, e.g. mixer_b16')
@@ -21,14 +43,17 @@ def main(argv=None) -> None:
   parser.add_argument('output')
   args = parser.parse_args(argv)
 
-  from mixer_jax import cli, convert, models
+  from mixer_jax import convert, models
   from mixer_jax.convert import files
 
   def convert_file():
     found = _FORMAT_OF[files.checkpoint_format(args.input)]
     if found != args.source:
-      raise ValueError(f'{args.input} is a {found} checkpoint, not {args.source}')
-    variables = convert.load(args.input, args.model, **cli.parse_options(args.model_options, '--model_options'))
+      raise ValueError(f'{args.input} is in the {found} format, not {args.source}: give --from={found}')
+    options = cli.parse_options(args.model_options, '--model_options')
+    convert.check_model(args.model, options)
+    check_output(args.output, args.target, args.model)
+    variables = convert.load(args.input, args.model, **options)
     convert.save(variables, args.output, args.model, args.target)
     return variables
 
@@ -37,4 +62,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+  cli.quiet_libtpu_probe()
   main()

@@ -10,6 +10,8 @@ released ConvMixer-768/32 uses ReLU (our `convmixer_768_32` does too).
 """
 import dataclasses
 
+from mixer_jax import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
@@ -84,5 +86,6 @@ CHECKPOINTS = {
 
 def get(name: str) -> Checkpoint:
   if name not in CHECKPOINTS:
-    raise ValueError(f'unknown pre-trained checkpoint {name!r}; known: {", ".join(CHECKPOINTS)}')
+    raise ValueError(f'unknown pre-trained checkpoint {name!r}{cli.did_you_mean(name, list(CHECKPOINTS))}; known: '
+                     f'{", ".join(CHECKPOINTS)}')
   return CHECKPOINTS[name]

@@ -86,14 +86,14 @@ def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   return _to_torch_layout(np.empty(shape, np.bool_), leaf).shape
 
 
-def checkpoint_options(family: str, state_dict: Mapping[str, Any]) -> dict:
+def checkpoint_options(family: str, state_dict: Mapping[str, Any], patch_size: int | None = None) -> dict:
   """Model options the weights themselves fix: the head's classes (0: no head) and a Mixer's token MLP width
-  and square grid of tokens (as image_size, given the patch size of the stem)."""
+  and square grid of tokens (as image_size at `patch_size`, default the stem's: see `fit.patch_size`)."""
   head = 'head.fc.bias' if family == 'davit' else 'head.bias'
   options = {'num_classes': int(np.shape(state_dict[head])[0]) if head in state_dict else 0}
   if family == 'mixer' and 'blocks.0.mlp_tokens.fc1.weight' in state_dict:
     options['tokens_mlp_dim'], tokens = np.shape(state_dict['blocks.0.mlp_tokens.fc1.weight'])
-    options['image_size'] = math.isqrt(tokens) * np.shape(state_dict['stem.proj.weight'])[-1]
+    options['image_size'] = math.isqrt(tokens) * (patch_size or np.shape(state_dict['stem.proj.weight'])[-1])
   return options
 
 
@@ -145,7 +145,8 @@ def from_timm(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
   listing every missing, unexpected and mis-shaped key.
   """
   family = models.family(name)
-  options = {**checkpoint_options(family, state_dict), **overrides}
+  patch = fit.patch_size(name, overrides) if family == 'mixer' else None
+  options = {**checkpoint_options(family, state_dict, patch), **overrides}
   model = models.create(name, **options)
   return fit.fit(name, model, state_dict, key_of=lambda path: timm_key(family, path),
                  to_flax=lambda x, path: _to_flax_layout(x, path[-1]),

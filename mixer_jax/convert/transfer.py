@@ -19,13 +19,13 @@ from mixer_jax.convert import load, resize, scan
 
 HEAD = ('params', 'head')
 # Options the checkpoint itself decides (its head, its grid) rather than the fine-tuning config.
-_CHECKPOINT_OPTIONS = ('num_classes', 'image_size', 'tokens_mlp_dim')
+CHECKPOINT_OPTIONS = ('num_classes', 'image_size', 'tokens_mlp_dim')
 
 
 def pretrained(path: str, name: str, options: dict, *, image_size, resize_method: str = 'blocks'):
   """(variables, model overrides for the fine-tuned model, notes) for fine-tuning `name` at `image_size`."""
   architecture = {k: v for k, v in options.items()
-                  if k not in _CHECKPOINT_OPTIONS + ('dtype', 'param_dtype', 'scan_blocks')}
+                  if k not in CHECKPOINT_OPTIONS + ('dtype', 'param_dtype', 'scan_blocks')}
   variables = load(path, name, **architecture)  # per-block layout: the resizing below works on it
   notes, overrides = [], {}
   if models.family(name) == 'mixer':

@@ -126,6 +126,17 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
+def _numpy_batches(ds: tf.data.Dataset, dataset: str, split) -> Iterator[dict[str, np.ndarray]]:
+  """The batches as numpy. An example that cannot be read or pre-processed (a file that is no image, a file gone
+  since the listing) is a ValueError naming the dataset: TF reports it by type, with a stack but no file name."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as error:
+    reason = error.message.splitlines()[0].rsplit(': ', 1)[-1]  # TF's last clause says what failed
+    raise ValueError(f'{dataset} {split}: an example failed to load or pre-process ({reason}): an image folder must '
+                     'hold only readable JPEG and PNG files, and the pp must suit every example') from None
+
+
 def _seed_key(seed, stream: int) -> tf.Tensor:
   if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**63):
     raise ValueError(f'seed must be an int in [0, 2**63), got {seed!r}')
@@ -189,7 +200,7 @@ def train_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, see
     ds = ds.filter(_graph(lambda position, record: position % global_batch_size // local == index))
   ds = ds.map(example, tf.data.AUTOTUNE)
   ds = _options(ds.batch(local, drop_remainder=True))
-  return (ds.prefetch(prefetch) if prefetch else ds).as_numpy_iterator()
+  return _numpy_batches(ds.prefetch(prefetch) if prefetch else ds, dataset, split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +210,11 @@ class EvalIter:
   num_steps: int  # the same on every process
   num_examples: int  # of the whole split
   local_batch_size: int
+  dataset_name: str  # these two name the data in errors
+  split: str
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self.dataset.as_numpy_iterator()
+    return _numpy_batches(self.dataset, self.dataset_name, self.split)
 
   def __len__(self) -> int:
     return self.num_steps
@@ -234,7 +247,7 @@ def eval_iter(dataset: str, split: str, *, pp: str, global_batch_size: int, data
   padding = first.take(1).map(zeros).cache().repeat()
   ds = records.enumerate().map(example, tf.data.AUTOTUNE)
   ds = _options(ds.concatenate(padding).take(num_steps * local).batch(local))
-  return EvalIter(ds.prefetch(prefetch) if prefetch else ds, num_steps, total, local)
+  return EvalIter(ds.prefetch(prefetch) if prefetch else ds, num_steps, total, local, dataset, str(split))
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:

@@ -14,28 +14,34 @@ Names:
     which does not reorder existing files when new ones are added.
 
 Splits are tfds split strings (`train`, `train[:98%]`, `train[1000:]`, `train+validation`) or the objects
-`tfds.even_splits` returns, for every source.
+`tfds.even_splits` returns, for every source. Split names and the syntax are checked here (naming the
+dataset's splits); slice bounds are left to tfds, whose errors are reworded on one line.
 
-`data_dir` defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds's own default).
+`data_dir` defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds's own default); a data_dir that is a file
+or lies under one is an error at once.
 
 A source gives `records(split)` (a tf.data.Dataset, same order every time) and `load(record)` (turns a record
 into an example with undecoded image bytes: the identity for tfds, a file read for folders). The split between
-the two lets the pipeline shuffle and skip light records (file names) before reading images.
+the two lets the pipeline shuffle and skip light records (file names) before reading images. It also describes
+its examples (`features()`, `label_classes(key)`), so that callers check their keys before building a pipeline.
 This module owns names, splits, counts and the one-line "how to get it" errors; it does not decode or shuffle.
 """
-import difflib
 import hashlib
 import os
+import re
 from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mixer_jax import cli
 from mixer_jax.data import fashion_mnist
 
 IMAGEFOLDER_PREFIX = 'imagefolder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+IMAGEFOLDER_FEATURES = ('image', 'label', 'file_name')
+_SPLIT_PART = re.compile(r'\s*([\w-]+)\s*(\[[^\[\]]*\])?\s*')  # a split name, an optional [slice]; parts joined by +
 
 
 def default_data_dir() -> str:
@@ -49,6 +55,24 @@ class Source(Protocol):
   def records(self, split) -> tf.data.Dataset: ...
   def load(self, record: dict) -> dict: ...
   def num_classes(self) -> int: ...
+  def features(self) -> list[str]: ...
+  def label_classes(self, key: str) -> int | None: ...
+
+
+def check_split(name: str, split, splits) -> None:
+  """A ValueError naming `splits` unless `split` is a split string over them (`all` included) or a
+  `tfds.even_splits` object; slice bounds are tfds's to check."""
+  if not isinstance(split, str):
+    return
+  parts = split.split('+')
+  matches = [_SPLIT_PART.fullmatch(part) for part in parts]
+  if not all(matches):
+    raise ValueError(f'{name}: malformed split {split!r}: write split names, each with an optional slice, joined by '
+                     '+ (e.g. train, train[:90%], train[1000:]+validation)')
+  for match in matches:
+    if match.group(1) not in (*splits, 'all'):
+      raise ValueError(f'{name} has no split {match.group(1)!r}{cli.did_you_mean(match.group(1), splits)}: its '
+                       f'splits are {", ".join(splits)}')
 
 
 class TfdsSource:
@@ -71,6 +95,8 @@ class TfdsSource:
     skip = {k: tfds.decode.SkipDecoding() for k, f in self.builder.info.features.items()
             if isinstance(f, tfds.features.Image)}
     config = tfds.ReadConfig(try_autocache=False, skip_prefetch=True)  # caching is the pipeline's decision
+    if self.builder.info.splits:  # else never prepared, or tfds's mock_data: as_dataset tells which
+      check_split(self.name, split, list(self.builder.info.splits))
     try:
       return self.builder.as_dataset(split=split, shuffle_files=False, decoders=skip, read_config=config)
     except AssertionError:  # tfds's "could not find data" when the dataset was never prepared
@@ -82,6 +108,7 @@ class TfdsSource:
     splits = self.builder.info.splits
     if not splits:  # never prepared (records() says how to fix it), or tfds's mock_data, which has no metadata
       return int(self.records(split).cardinality())
+    check_split(self.name, split, list(splits))
     try:
       return splits[split].num_examples
     except (KeyError, ValueError) as e:
@@ -91,10 +118,21 @@ class TfdsSource:
     return record
 
   def num_classes(self) -> int:
-    label = self.builder.info.features['label'] if 'label' in self.builder.info.features else None
-    if not isinstance(label, tfds.features.ClassLabel):
+    classes = self.label_classes('label')
+    if classes is None:
       raise ValueError(f'{self.name} has no ClassLabel feature "label"; give num_classes explicitly')
-    return label.num_classes
+    return classes
+
+  def features(self) -> list[str]:
+    return list(self.builder.info.features)
+
+  def label_classes(self, key: str) -> int | None:
+    """The classes of feature `key` if it holds class labels (a ClassLabel, or a sequence of them like
+    imagenet2012_real's real_label), else None."""
+    feature = self.builder.info.features[key] if key in self.builder.info.features else None
+    if isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
 
 
 class ImageFolderSource:
@@ -105,7 +143,8 @@ class ImageFolderSource:
     self.root = os.path.expanduser(root)
     layout = f'expected {self.root}/<split>/<class>/*.jpg|jpeg|png'
     if not os.path.isdir(self.root):
-      raise FileNotFoundError(f'image folder {self.root} does not exist ({layout})')
+      state = 'is a file, not a folder' if os.path.exists(self.root) else 'does not exist'
+      raise FileNotFoundError(f'image folder {self.root} {state} ({layout})')
     files = {split: self._list(split) for split in sorted(os.listdir(self.root))
              if os.path.isdir(os.path.join(self.root, split))}
     files = {split: f for split, f in files.items() if f}
@@ -123,6 +162,7 @@ class ImageFolderSource:
     return sorted(names, key=lambda n: (hashlib.md5(n.encode()).digest(), n))
 
   def _ranges(self, split) -> list[tuple[str, int, int]]:
+    check_split(self.name, split, list(self._files))
     try:
       instructions = tfds.core.splits.AbstractSplit.from_spec(split).to_absolute(self._splits)
     except (KeyError, ValueError) as e:
@@ -147,14 +187,27 @@ class ImageFolderSource:
   def num_classes(self) -> int:
     return len(self.classes)
 
+  def features(self) -> list[str]:
+    return list(IMAGEFOLDER_FEATURES)
+
+  def label_classes(self, key: str) -> int | None:
+    return len(self.classes) if key == 'label' else None
+
+
+def _check_data_dir(data_dir: str) -> None:
+  """A data_dir that is a file, or lies in one, is a mistake that tfds would report as a dataset to download."""
+  for path in (data_dir, os.path.dirname(os.path.abspath(data_dir))):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f'data_dir {data_dir}: {path} is a file, not a folder: give the folder holding the prepared '
+                       'tfds datasets (default $TFDS_DATA_DIR, else ~/tensorflow_datasets)')
+
 
 def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     known = tfds.list_builders(with_community_datasets=False)
-    close = difflib.get_close_matches(name.split(':')[0], known, n=3)
-    hint = f' (did you mean {", ".join(close)}?)' if close else ''
+    hint = cli.did_you_mean(name.split(':')[0], known)
     raise ValueError(f'unknown dataset {name!r}{hint}: use a tfds name (https://www.tensorflow.org/datasets/'
                      f'catalog), fashion_mnist, or {IMAGEFOLDER_PREFIX}<root> for your own images') from None
 
@@ -166,6 +219,7 @@ def get(dataset: str, data_dir: str | None = None) -> Source:
   if dataset.startswith(IMAGEFOLDER_PREFIX):
     return ImageFolderSource(dataset[len(IMAGEFOLDER_PREFIX):])
   data_dir = os.path.expanduser(data_dir or default_data_dir())
+  _check_data_dir(data_dir)
   if dataset == fashion_mnist.FashionMnist.name:
     return TfdsSource(dataset, fashion_mnist.builder(data_dir), data_dir)
   return TfdsSource(dataset, _tfds_builder(dataset, data_dir), data_dir)

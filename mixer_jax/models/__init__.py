@@ -19,6 +19,9 @@ from mixer_jax.models import layers
 from mixer_jax.models.layers import pair
 from mixer_jax.models.mlp_mixer import MlpMixer
 
+# Compute and parameter dtypes a config may name (LayerNorm, softmax and the loss stay float32 whatever is set).
+DTYPES = ('float32', 'bfloat16', 'float16')
+
 
 class Variant(NamedTuple):
   module: type[nn.Module]
@@ -94,6 +97,8 @@ def create(name: str, *, num_classes: int | None, platform: str | None = None, *
     overrides['depthwise'] = layers.depthwise_impl(platform or jax.default_backend())
   for key in ('dtype', 'param_dtype'):
     if isinstance(overrides.get(key), str):
+      if overrides[key] not in DTYPES:
+        raise ValueError(f'{name}: {key} {overrides[key]!r} is not one of {DTYPES}')
       overrides[key] = jnp.dtype(overrides[key])
   return v.module(num_classes=num_classes, **{**v.kwargs, **overrides})
 
