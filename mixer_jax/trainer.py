@@ -419,21 +419,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
 
   # Evaluations: 'classification' (default) reads every example of a split once; 'fewshot' is big_vision's linear
   # probe on pre_logits (its fields: evaluators/fewshot.py).
-  if 'train' in config.evals:
-    raise ValueError("evals.train: the name 'train' is reserved for training metrics; call it e.g. 'train_eval'")
   classification_evals, fewshot_evals = {}, {}
-  for name, cfg in config.evals.items():
-    kind = cfg.get('type', 'classification')
-    if kind == 'fewshot':
+  for name, cfg in config.evals.items():  # names and types checked by config_checks
+    if cfg.get('type', 'classification') == 'fewshot':
       fewshot_evals[name] = {k: v for k, v in cfg.items() if k != 'type'}
-    elif kind == 'classification':
+    else:
       eval_batch = cfg.get('batch_size') or batch_size
       sharding.check_batch_size(eval_batch, mesh, name=f'evals.{name}.batch_size')
       classification_evals[name] = data.eval_iter(
           cfg.get('dataset') or config.input.dataset, cfg.split, pp=cfg.pp, global_batch_size=eval_batch,
           data_dir=cfg.get('data_dir') or config.input.data_dir)
-    else:
-      raise ValueError(f"evals.{name}.type {kind!r} must be 'classification' or 'fewshot'")
   forward = functools.partial(_infer, model)
   final_metrics = {}
 
