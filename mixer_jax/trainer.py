@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import time
 from typing import Any, NamedTuple
@@ -330,6 +331,10 @@ def _kept(row: dict, step: int, evaluations_repeat: bool) -> bool:
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir`; a path that cannot be one (a file, an unwritable place) is a one-line error now, not
   after the data are read and the step compiled."""
+  if re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', workdir):  # os.makedirs would make a local folder named like it
+    raise ValueError(f'--workdir {workdir}: object-store URLs are not supported for the workdir (each host would '
+                     'write into a local folder of that name): mount the bucket on every host (gcsfuse BUCKET '
+                     '/gcs/BUCKET) and give the mounted path, or use a shared file system')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is a file: give a directory (it is created if missing)')
   try:
