@@ -286,6 +286,9 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
   assert straight.wait(timeout=300) == 0
   a, b = _final_params(str(tmp_path / 'straight'), data_dir, steps), _final_params(str(interrupted), data_dir, steps)
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))  # bitwise
+  rows = [json.loads(line) for line in open(interrupted / 'metrics.jsonl')]  # each step once across both processes
+  assert [r['step'] for r in rows if 'train/loss' in r] == list(range(1, steps + 1))
+  assert [r['step'] for r in rows if 'test/top1' in r] == [steps]
 
 
 def test_train_accuracy_counts_the_dominant_label_under_smoothing(data_dir):
