@@ -58,9 +58,11 @@ def base_config() -> ConfigDict:
   c.model = ConfigDict(dict(name='mixer_s32', dtype='float32'))
   c.num_classes = 1000
   # A checkpoint to fine-tune from ('' trains from scratch): Google .npz, timm .safetensors/.pth, or an orbax
-  # workdir. A head with another number of classes starts at zero. A Mixer at another resolution gets the
-  # paper's token-mixing expansion: 'blocks' (K x K parts), 'strided' (sub-grids), or the non-paper 'interpolate'.
+  # workdir. Its head is replaced by a zero head, as vit_jax does, unless init_keep_head (then only a head with
+  # another number of classes starts at zero). A Mixer at another resolution gets the paper's token-mixing
+  # expansion: 'blocks' (K x K parts), 'strided' (sub-grids), or the non-paper 'interpolate'.
   c.init = ''
+  c.init_keep_head = False
   c.init_resize = 'blocks'
 
   # Training data. batch_size is global; each process reads batch_size / process_count examples.

@@ -11,8 +11,10 @@ Hardware: vit_jax's numbers come from 8 V100s (batch 512); on fewer or smaller d
 Expected: Mixer-B/16 pre-trained on ImageNet-21k reaches 96.82% on CIFAR-10 at 224 (vit_jax README, 10k steps);
           L/16 98.34%. Short runs cost accuracy: CIFAR-100 at 500 steps gives ~77% instead of ~90%.
 
-`init=` takes a Google .npz, a timm .safetensors/.pth or an orbax workdir; the head starts at zero when the
-number of classes differs (vit_jax), and the log says what was loaded, re-initialised and left out.
+`init=` takes a Google .npz, a timm .safetensors/.pth or an orbax workdir; its head is replaced by a zero head as
+vit_jax does, also when the class counts match (`keep_head=true` keeps a head of the right size), and the log
+says what was loaded, re-initialised and left out. Oxford Flowers trains on train[:90%] and selects on
+train[90%:], as big_vision's transfer config (the tfds `validation` split is left alone).
 Recipe: SGD with momentum 0.9 (bfloat16 accumulator), lr 0.03, cosine after 500 warmup steps (100 for the small
 presets), global-norm clip 1, batch 512, no weight decay, mixup or label smoothing, softmax cross-entropy.
 Train: inception crop (5-100% of the area) at `res`, flip; eval: resize to `res` (vit_jax: no centre crop).
@@ -27,7 +29,7 @@ PRESETS = {
     'cifar100': (100, 'train[:98%]', 'train[98%:]', 'test', 10_000, 500, 0.03),
     'imagenet2012': (1000, 'train[:99%]', 'train[99%:]', 'validation', 20_000, 500, 0.03),
     'oxford_iiit_pet': (37, 'train[:90%]', 'train[90%:]', 'test', 500, 100, 0.003),
-    'oxford_flowers102': (102, 'train', 'validation', 'test', 500, 100, 0.003),
+    'oxford_flowers102': (102, 'train[:90%]', 'train[90%:]', 'test', 500, 100, 0.003),  # big_vision transfer
 }
 IMAGE_FOLDER = 'imagefolder:'
 _NORMALIZE = 'normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))'
@@ -45,7 +47,7 @@ def preset(dataset: str, data_dir=None):
 
 def get_config(arg=None):
   a = common.parse_arg(arg, model='mixer_b16', dataset='cifar10', res=224, batch_size=512, steps=0, lr=0.0,
-                       init='', resize='blocks')
+                       init='', resize='blocks', keep_head=False)
   classes, train_split, minival_split, test_split, steps, warmup, lr = preset(a.dataset)
   values = 'value_range(-1, 1)' if models.family(a.model) == 'mixer' else _NORMALIZE
   labels = f'onehot({classes}, key="label", key_result="labels")|keep("image", "labels")'
@@ -54,6 +56,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.model = common.model_config(a.model, image_size=a.res, dtype='bfloat16')
   c.init = a.init
+  c.init_keep_head = a.keep_head
   c.init_resize = a.resize
   c.num_classes = classes
   c.input.dataset = a.dataset

@@ -81,6 +81,7 @@ RULES = (
     ('grad_clip_norm', lambda v: _number(v) and v > 0, 'None or a number > 0'),
     ('init', lambda v: v == '' or isinstance(v, str) and os.path.exists(v),
      "an existing checkpoint file or workdir, or '' to train from scratch"),
+    ('init_keep_head', lambda v: isinstance(v, bool), 'True or False'),
     ('init_resize', _one_of(resize.METHODS), f'one of {resize.METHODS}'),
     ('model.dtype', _one_of(models.DTYPES), f'one of {models.DTYPES}'),
     ('checkpoint.keep', _int_from(1),

@@ -406,7 +406,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       # tiled allgather: with FSDP over several processes no process holds whole arrays
       fresh = multihost_utils.process_allgather({'params': state.params, 'batch_stats': state.batch_stats},
                                                 tiled=True)
-      variables, report = transfer.merge(run.pretrained, fresh)
+      variables, report = transfer.merge(run.pretrained, fresh, keep_head=config.init_keep_head)
       logging.info('init from %s: %s', config.init, report)
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))

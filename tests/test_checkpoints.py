@@ -232,6 +232,22 @@ def test_finetune_init_reinitialises_only_a_head_of_another_size(tmp_path):
   assert report == 'loaded 28 arrays; re-initialised (zeros): head/bias, head/kernel; left out: none'
 
 
+@pytest.mark.parametrize('keep_head', [False, True])
+def test_finetune_init_replaces_a_head_of_the_same_size_unless_kept(tmp_path, keep_head):
+  """vit_jax: fine-tuning starts from a zero head even when the classes match (ImageNet from an ImageNet
+  checkpoint); keep_head keeps the pre-trained one."""
+  variables = _random_variables(_tiny_mixer())
+  path = str(tmp_path / 'pre.npz')
+  npz.write(variables['params'], path)
+  loaded, _, _ = transfer.pretrained(path, 'mixer_s16', {k: v for k, v in TINY_MIXER.items() if k != 'image_size'},
+                                     image_size=32)
+  merged, report = transfer.merge(loaded, models.init_variables(_tiny_mixer(), jax.random.key(5)),
+                                  keep_head=keep_head)
+  head, source = merged['params']['head']['kernel'], variables['params']['head']['kernel']
+  assert np.array_equal(head, source) if keep_head else not head.any()
+  assert report.startswith(f'loaded {30 if keep_head else 28} arrays')
+
+
 def test_finetune_init_at_twice_the_resolution_expands_token_mixing(tmp_path):
   path = str(tmp_path / 'pre.npz')
   npz.write(_random_variables(_tiny_mixer())['params'], path)
