@@ -142,6 +142,26 @@ def test_davit_runs_at_sizes_that_are_not_window_or_stride_multiples():
     assert out['stage_0'].shape[1:3] == (-(-h // 4), -(-w // 4))
 
 
+def test_convmixer_floors_the_patch_grid_as_timm():
+  """At a size the patch does not divide, timm's stride-p VALID stem drops the bottom and right remainder pixels;
+  both depthwise forms must give timm's logits there, and an image smaller than one patch is refused."""
+  import torch_reference as ref  # torch and timm are imported for this test only, not for the whole file
+  from timm.models.convmixer import ConvMixer as TimmConvMixer
+  from mixer_jax import convert
+  options = dict(dim=16, depth=2, kernel_size=3, patch_size=4)
+  timm_model = ref.create(TimmConvMixer, calibration_size=30, num_classes=5, **options)
+  images = np.random.default_rng(1).standard_normal((2, 29, 33, 3)).astype(np.float32)
+  want = ref.logits(timm_model, images)
+  variables = convert.from_timm('convmixer_256_8', timm_model.state_dict(), **options)
+  for depthwise in layers.DEPTHWISE_IMPLS:
+    model = models.create('convmixer_256_8', num_classes=5, depthwise=depthwise, **options)
+    got, out = jax.jit(model.apply)(variables, images)
+    assert out['stem'].shape[1:3] == (7, 8)
+    assert want.std() > 0.05 and np.abs(np.asarray(got) - want).max() < 1e-4, depthwise
+  with pytest.raises(ValueError, match=r'image size 3x33 is smaller than one ConvMixer patch \(4x4\)'):
+    jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, 3, 33, 3), jnp.float32))
+
+
 def test_convmixer_batch_stats_follow_torch_momentum():
   """Training moves the running statistics 10% of the way to the batch statistics (torch momentum 0.1, biased
   variance as flax computes it); evaluation leaves them alone."""

@@ -6,7 +6,10 @@ which was trained with ReLU. BatchNorm: eps 1e-5, torch momentum 0.1, running st
 collection (call with `train=True, mutable=['batch_stats']` to train). Initialisation is PyTorch's default,
 as in the reference (the head is not zero-initialised).
 
-Fully convolutional: any input size divisible by the patch size works with the same parameters.
+Fully convolutional: any input size of at least one patch works with the same parameters. The stem is a
+strided 'VALID' convolution, as timm's and the official `nn.Conv2d(kernel_size=p, stride=p)`: the patch grid is
+floor(H/p) x floor(W/p) and the bottom and right remainder pixels are dropped, so timm's logits are matched at
+sizes the patch does not divide too.
 """
 import functools
 from typing import Any
@@ -47,7 +50,7 @@ class ConvMixer(nn.Module):
   depthwise: str = 'conv'  # depthwise convolution form, see layers.DepthwiseConv ('auto' in models.create)
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
   scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked, see convert.scan
-  image_size: Any = 224  # the default input size (for init and benchmarks); any multiple of the patch works
+  image_size: Any = 224  # the default input size (for init and benchmarks); any size >= the patch works
   in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -57,9 +60,8 @@ class ConvMixer(nn.Module):
     layers.check_channels(images, self.in_channels, 'ConvMixer')
     h, w = images.shape[1:3]
     p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f'image size {h}x{w} is not divisible by the ConvMixer patch size {p}: '
-                       f'resize or crop to a multiple of {p}')
+    if h < p or w < p:  # an empty patch grid would average to NaN logits
+      raise ValueError(f'image size {h}x{w} is smaller than one ConvMixer patch ({p}x{p})')
     act = layers.activation(self.act)
     out = {}
     x = layers.conv(self.dim, (p, p), strides=(p, p), in_features=images.shape[-1], dtype=self.dtype,
