@@ -4,7 +4,7 @@ Each recipe's `get_config(arg)` starts from `base_config()` and sets what it cha
 locked by the command line, so any field can be overridden with `--config.field=value` and a misspelt field is
 an error. Fields that default to None are typed placeholders, so they can be overridden too.
 
-Durations (`total`, `warmup`, `log_every`, `eval_every`, `checkpoint_every`) may be given in steps, epochs or
+Durations (`total`, `warmup`, `decay`, `log_every`, `eval_every`, `checkpoint_every`) may be given in steps, epochs or
 examples: exactly one of `<name>_steps`, `<name>_epochs`, `<name>_examples` is set (the trainer converts them).
 """
 import ast
@@ -90,8 +90,11 @@ def base_config() -> ConfigDict:
   c.optimizer = 'adam'
   c.optimizer_kw = ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=placeholder(str)))
   c.lr = 1e-3
-  c.schedule = ConfigDict(dict(type='cosine', warmup_init=0.0, end=0.0))
+  # warmup_init and end are fractions of lr. The decay reaches `end` at `decay` (unset: the run's end) and stays
+  # there; per_epoch and warmup_prefix=False reproduce timm's epoch-stepped schedulers (optim.py).
+  c.schedule = ConfigDict(dict(type='cosine', warmup_init=0.0, end=0.0, per_epoch=False, warmup_prefix=True))
   _durations(c.schedule, 'warmup', steps=0)
+  _durations(c.schedule, 'decay')
   c.weight_decay = 0.0
   c.weight_decay_style = 'adamw'  # or 'big_vision' (see optim.py)
   c.wd_mask = ('.*/kernel$',)

@@ -73,6 +73,8 @@ RULES = (
     ('schedule.type', _one_of(optim.SCHEDULES), f'one of {optim.SCHEDULES}'),
     ('schedule.warmup_init', _number_in(0), 'a number >= 0 (a fraction of lr)'),
     ('schedule.end', _number_in(0), 'a number >= 0 (a fraction of lr)'),
+    ('schedule.per_epoch', lambda v: isinstance(v, bool), 'True or False'),
+    ('schedule.warmup_prefix', lambda v: isinstance(v, bool), 'True or False'),
     ('weight_decay', _number_in(0), 'a number >= 0'),
     ('weight_decay_style', _one_of(optim.WEIGHT_DECAY_STYLES), f'one of {optim.WEIGHT_DECAY_STYLES}'),
     ('wd_mask', _regexes, 'a tuple of regexes'),
@@ -156,10 +158,14 @@ def check(config) -> None:
   for name, required in DURATIONS:
     _check_duration(config, '', name, required=required)
   _check_duration(config.schedule, 'schedule.', 'warmup', required=True, zero=True)
-  if config.total_steps is not None and config.schedule.warmup_steps is not None:  # else known after the data
-    try:
+  _check_duration(config.schedule, 'schedule.', 'decay', required=False)
+  if config.schedule.type == 'onecycle' and config.schedule.per_epoch:
+    _refuse('schedule.per_epoch', True, "False with schedule.type 'onecycle' (timm steps it per iteration)")
+  decay_in_steps = config.schedule.decay_epochs is None and config.schedule.decay_examples is None
+  if config.total_steps is not None and config.schedule.warmup_steps is not None and decay_in_steps:
+    try:  # else known after the data
       optim.schedule_fn(config.schedule.type, total_steps=config.total_steps,
-                        warmup_steps=config.schedule.warmup_steps)
+                        warmup_steps=config.schedule.warmup_steps, decay_steps=config.schedule.decay_steps)
     except ValueError as error:
       raise ValueError(f'config.schedule: {error}') from None
   _check_mesh(config.mesh)

@@ -22,7 +22,19 @@ Schedules (`schedule.type`), as multipliers of lr after a linear warmup from `wa
   'cosine'   1 -> `end` along a half cosine;   'linear'  1 -> `end` linearly;   'constant'
   'onecycle' ConvMixer's piecewise-linear one-cycle (timm fork): 0 -> 1 at 2T/5 -> 1/20 at 4T/5 -> 0 at T,
              stepped per iteration at t + 1 as timm does (no separate warmup).
+The decay reaches `end` at `schedule.decay_*` (optax's decay_steps, timm's t_initial: counted from the start of
+the run, warmup included; default the run's end) and stays there: timm's cooldown epochs are the run beyond it.
+Two options reproduce timm's epoch-based schedulers (DaViT: CosineLRScheduler, t_in_epochs, warmup_prefix False):
+  `schedule.per_epoch`      the value changes once per epoch: step s gets the value at the start of its epoch,
+                            floor(s / steps_per_epoch) with steps_per_epoch = examples / batch size (the trainer's;
+                            a batch straddling two epochs counts in the first). The clock then counts whole epochs,
+                            so warmup and decay are rounded to whole epochs (timm's are integers), and the table of
+                            per-epoch values is computed in float64 on the host.
+  `schedule.warmup_prefix`  True (default): the decay starts after the warmup (progress (t - W) / (D - W));
+                            False: the warmup runs inside the decay's clock (progress t / D), as timm's default, so
+                            the first value after the warmup is already below 1.
 """
+import math
 import re
 from typing import Callable, Sequence
 
@@ -36,34 +48,59 @@ OPTIMIZERS = ('adam', 'sgd')
 WEIGHT_DECAY_STYLES = ('adamw', 'big_vision')
 
 
+def _multiplier(xp, kind: str, t, *, warmup, decay, warmup_init: float, end: float, warmup_prefix: bool):
+  """The schedule's value at time t (steps, or epochs with per_epoch), written once for numpy (the per-epoch
+  table, float64) and jax.numpy (per-step, inside the step)."""
+  start = warmup if warmup_prefix else 0
+  progress = xp.clip((t - start) / max(decay - start, 1), 0.0, 1.0)
+  if kind == 'cosine':
+    decayed = end + (1.0 - end) * 0.5 * (1.0 + xp.cos(xp.pi * progress))
+  elif kind == 'linear':
+    decayed = 1.0 + (end - 1.0) * progress
+  else:
+    decayed = xp.ones_like(progress)
+  if not warmup:
+    return decayed
+  return xp.where(t < warmup, warmup_init + (1.0 - warmup_init) * t / warmup, decayed)
+
+
+def _per_epoch(values_at, steps_per_epoch: float, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """values_at(epochs) looked up by the epoch of each step. Epoch e starts at step ceil(e * steps_per_epoch),
+  found by an exact integer search: floor(step / steps_per_epoch) in float32 misplaces steps next to a boundary.
+  The rounding to 6 decimals undoes float error in steps_per_epoch = examples / batch (a true boundary is an
+  integer or at least 1 / batch above one)."""
+  epochs = np.arange(math.floor((total_steps - 1) / steps_per_epoch) + 1, dtype=np.float64)
+  starts = jnp.asarray(np.ceil(np.round(epochs * steps_per_epoch, 6)), jnp.int32)
+  values = jnp.asarray(values_at(epochs), jnp.float32)
+  return lambda step: values[jnp.searchsorted(starts, jnp.asarray(step, jnp.int32), side='right') - 1]
+
+
 def schedule_fn(kind: str, *, total_steps: int, warmup_steps: int = 0, warmup_init: float = 0.0,
-                end: float = 0.0) -> Callable[[jax.Array], jax.Array]:
-  """A multiplier schedule with peak 1 (the learning rate is lr times this)."""
+                end: float = 0.0, decay_steps: int | None = None, warmup_prefix: bool = True,
+                steps_per_epoch: float | None = None) -> Callable[[jax.Array], jax.Array]:
+  """A multiplier schedule with peak 1 (the learning rate is lr times this). The decay ends at decay_steps
+  (None: total_steps); steps_per_epoch steps it once per epoch (see the module docstring)."""
   if kind not in SCHEDULES:
     raise ValueError(f'unknown schedule {kind!r}; choose one of {SCHEDULES}')
-  if warmup_steps >= total_steps and kind != 'constant':
-    raise ValueError(f'warmup ({warmup_steps} steps) must be shorter than the run ({total_steps} steps)')
+  span = 'the run' if decay_steps is None else 'the decay'
+  decay_steps = total_steps if decay_steps is None else decay_steps
+  if warmup_steps >= decay_steps and kind != 'constant':
+    raise ValueError(f'warmup ({warmup_steps} steps) must be shorter than {span} ({decay_steps} steps)')
   if kind == 'onecycle':
-    if warmup_steps:
-      raise ValueError('the onecycle schedule has its own warmup: set schedule.warmup_steps=0')
+    if warmup_steps or decay_steps != total_steps or steps_per_epoch:
+      raise ValueError('the onecycle schedule has its own warmup and decay over the whole run, stepped per '
+                       'iteration: set schedule.warmup_steps=0, no schedule.decay and schedule.per_epoch=False')
     knots = np.array([0.0, total_steps * 2 // 5, total_steps * 4 // 5, total_steps], np.float32)
     return lambda step: jnp.interp(step + 1.0, knots, jnp.array([0.0, 1.0, 0.05, 0.0]))
-
-  def fn(step):
-    step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-    if kind == 'cosine':
-      decayed = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif kind == 'linear':
-      decayed = 1.0 + (end - 1.0) * progress
-    else:
-      decayed = jnp.ones_like(progress)
-    if not warmup_steps:
-      return decayed
-    warm = warmup_init + (1.0 - warmup_init) * step / warmup_steps
-    return jnp.where(step < warmup_steps, warm, decayed)
-
-  return fn
+  shape = dict(warmup_init=warmup_init, end=end, warmup_prefix=warmup_prefix)
+  if steps_per_epoch:
+    warmup, decay = round(warmup_steps / steps_per_epoch), round(decay_steps / steps_per_epoch)
+    if warmup >= decay and kind != 'constant':
+      raise ValueError(f'per epoch, the warmup ({warmup} epochs) must be shorter than the decay ({decay} epochs)')
+    return _per_epoch(lambda t: _multiplier(np, kind, t, warmup=warmup, decay=decay, **shape), steps_per_epoch,
+                      total_steps)
+  return lambda step: _multiplier(jnp, kind, jnp.asarray(step, jnp.float32), warmup=warmup_steps,
+                                  decay=decay_steps, **shape)
 
 
 def _first_match(rules: Sequence, name: str):
@@ -104,15 +141,21 @@ def _base_optimizer(name: str, kw: dict) -> optax.GradientTransformation:
   raise ValueError(f'unknown optimizer {name!r}; choose one of {OPTIMIZERS}')
 
 
-def make(config, params, *, total_steps: int, warmup_steps: int):
-  """(optax transformation, learning-rate function of the step) for a parameter tree (shapes suffice)."""
+def make(config, params, *, total_steps: int, warmup_steps: int, decay_steps: int | None = None,
+         steps_per_epoch: float | None = None):
+  """(optax transformation, learning-rate function of the step) for a parameter tree (shapes suffice).
+
+  decay_steps and steps_per_epoch come from the trainer, which knows the dataset's size: None (a program compiled
+  without the data, mixer_jax/aot.py) decays over the whole run and steps a per_epoch schedule per step."""
   kw = {k: v for k, v in dict(config.optimizer_kw).items() if v is not None}
   base = _base_optimizer(config.optimizer, kw)
   if config.weight_decay_style not in WEIGHT_DECAY_STYLES:
     raise ValueError(f'weight_decay_style {config.weight_decay_style!r} must be one of {WEIGHT_DECAY_STYLES}')
   decay = config.weight_decay * (config.lr if config.weight_decay_style == 'adamw' else 1.0)
   sched = schedule_fn(config.schedule.type, total_steps=total_steps, warmup_steps=warmup_steps,
-                      warmup_init=config.schedule.warmup_init, end=config.schedule.end)
+                      warmup_init=config.schedule.warmup_init, end=config.schedule.end, decay_steps=decay_steps,
+                      warmup_prefix=config.schedule.warmup_prefix,
+                      steps_per_epoch=steps_per_epoch if config.schedule.per_epoch else None)
 
   frozen = [(pattern, True) for pattern in config.frozen]
   labels = _by_name(params, lambda n: 'frozen' if _first_match(frozen, n) else 'train')

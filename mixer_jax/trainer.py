@@ -193,7 +193,8 @@ class Run(NamedTuple):
   eval_step: Any  # jitted (variables, batch with mask) -> sums, see evaluators/classification.py
 
 
-def build(config, mesh, *, total_steps: int, warmup_steps: int) -> Run:
+def build(config, mesh, *, total_steps: int, warmup_steps: int, decay_steps: int | None = None,
+          steps_per_epoch: float | None = None) -> Run:
   """The model (shaped by `config.init` where a checkpoint decides it), optimizer, state layout and jitted steps
   of `config` over `mesh`: what `train_and_evaluate` runs and `mixer_jax.aot` compiles for other hardware."""
   pretrained, overrides = None, {}
@@ -205,7 +206,7 @@ def build(config, mesh, *, total_steps: int, warmup_steps: int) -> Run:
       logging.info('init: %s', note)
   model = build_model(config, platform=mesh.devices.flat[0].platform, **overrides)
   tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
-                         warmup_steps=warmup_steps)
+                         warmup_steps=warmup_steps, decay_steps=decay_steps, steps_per_epoch=steps_per_epoch)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
   return Run(model, tx, shapes, shardings, pretrained,
              make_train_step(model, tx, lr_fn, config, mesh, shardings),
@@ -387,10 +388,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
   eval_every = durations('eval_every')
   warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
+  decay_steps = resolve_steps(config.schedule, 'decay', num_examples=train_examples, batch_size=batch_size)
   traced = profile_steps(config, total_steps)
 
   # --- Model, optimizer, steps, state --------------------------------------------------------------------
-  run = build(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+  run = build(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps, decay_steps=decay_steps,
+              steps_per_epoch=train_examples / batch_size if train_examples else None)
   model, shapes, shardings = run.model, run.shapes, run.shardings
   logging.info('pre-flight:\n%s', preflight(config, mesh, shapes, shardings, total_steps))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
