@@ -132,4 +132,4 @@ def test_a_dead_process_stops_the_job_then_it_resumes(tmp_path, data_dir):
   saved = checkpoint.Checkpointer(str(tmp_path), keep=2).latest_step()
   assert saved is not None and 10 <= saved < steps
   outputs = _finish(_launch(args, 2))
-  assert f'resumed from' in outputs[0] and f'finished at step {steps}' in outputs[0]
+  assert 'resumed from' in outputs[0] and f'finished at step {steps}' in outputs[0]
