@@ -2,6 +2,7 @@
 
 Command:  python train.py --config=configs/convmixer_i1k.py --workdir=WORKDIR --config.input.data_dir=TFDS_DIR
           python train.py --config=configs/convmixer_i1k.py:variant=768_32 ...
+          python train.py --config=configs/convmixer_i1k.py:bn_group_size=0 ...  (global-batch BatchNorm)
 Hardware: the authors used 10 RTX8000 (48 GB) for ~9 days (1536/20, 150 epochs) / ~8 days (768/32, 300 epochs);
           batch 640 is 64 per GPU. bf16 compute here (they used fp16 AMP).
 Expected: 81.37% top-1 (convmixer_1536_20), 80.16% (convmixer_768_32, ReLU), with timm's eval crop_pct 0.96.
@@ -10,7 +11,9 @@ Recipe (timm fork flags translated): AdamW (0.9, 0.999, eps 1e-3), lr 0.01 with 
 0.01 at 2/5 -> 5e-4 at 4/5 -> 0), weight decay 2e-5 (timm's default, AdamW convention, kernels only), clip 1,
 RandAugment(2, 9) (for timm's rand-m9-mstd0.5-inc1, see data/randaug.py), mixup 0.5 / cutmix 0.5 switching per
 batch, label smoothing 0.1, random erasing 0.25 (pixel), inception crop 8-100% bicubic, flip. BatchNorm
-statistics are over the global batch (the authors: per GPU, averaged each epoch).
+statistics per group of 64 images (`bn_group_size=64`): the authors' `-b 64` per GPU on 10 GPUs without SyncBN,
+running statistics averaged as their `--dist-bn reduce` (reference/recipes.md sections 4 and 11); the batch, and
+each micro-batch under accumulation, must be a multiple of 64. `:bn_group_size=0` uses global-batch statistics.
 """
 from configs import common
 from mixer_jax.data import presets
@@ -19,11 +22,12 @@ EPOCHS = {'1536_20': 150.0, '768_32': 300.0, '1024_20_p14': 150.0}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant='1536_20', epochs=0.0, batch_size=640)
+  a = common.parse_arg(arg, variant='1536_20', epochs=0.0, batch_size=640, bn_group_size=64)
   if a.variant not in EPOCHS:
     raise ValueError(f'unknown ConvMixer variant {a.variant!r}; choose one of {", ".join(EPOCHS)}')
   c = common.base_config()
-  c.model = common.model_config(f'convmixer_{a.variant}', dtype='bfloat16')
+  c.model = common.model_config(f'convmixer_{a.variant}', dtype='bfloat16',
+                                bn_group_size=a.bn_group_size or None)
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train'

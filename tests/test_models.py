@@ -180,6 +180,35 @@ def test_convmixer_batch_stats_follow_torch_momentum():
   assert jax.tree.all(jax.tree.map(np.array_equal, unchanged['batch_stats'], variables['batch_stats']))
 
 
+def test_convmixer_group_batch_norm_matches_per_group_torch():
+  """bn_group_size=4 on a batch of 8 is PyTorch DDP on two GPUs of 4 images: timm's ConvMixer trained on each
+  group alone gives our logits for it, and our running statistics are the mean of the two replicas' (timm's
+  --dist-bn reduce, unbiased variances included). A group size that does not divide the batch is refused."""
+  import copy
+  import torch
+  import torch_reference as ref  # torch and timm are imported for this test only, not for the whole file
+  from timm.models.convmixer import ConvMixer as TimmConvMixer
+  from mixer_jax import convert
+  options = dict(dim=8, depth=1, kernel_size=3, patch_size=2)
+  timm_model = ref.create(TimmConvMixer, calibration_size=16, num_classes=5, **options)
+  images = 1.0 + np.random.default_rng(1).standard_normal((8, 16, 16, 3)).astype(np.float32)
+  want, replicas = [], []
+  for group in (images[:4], images[4:]):
+    replica = copy.deepcopy(timm_model).train()
+    with torch.no_grad():
+      want.append(replica(torch.from_numpy(group.transpose(0, 3, 1, 2).copy())).numpy())
+    replicas.append(convert.from_timm('convmixer_256_8', replica.state_dict(), **options)['batch_stats'])
+  model = models.create('convmixer_256_8', num_classes=5, bn_group_size=4, **options)
+  variables = convert.from_timm('convmixer_256_8', timm_model.state_dict(), **options)
+  (got, _), updated = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(variables, images)
+  np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-5, atol=1e-5)
+  reduced = jax.tree.map(lambda a, b: (a + b) / 2, *replicas)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), updated['batch_stats'], reduced)
+  with pytest.raises(ValueError, match=r'^bn_group_size=4 does not divide the batch of 6 examples'):
+    jax.eval_shape(functools.partial(model.apply, train=True, mutable=['batch_stats']), variables,
+                   jax.ShapeDtypeStruct((6, 16, 16, 3), jnp.float32))
+
+
 def test_drop_path_scaling_conventions():
   x = jnp.ones((4000, 3))
   module = layers.MlpBlock(4, ('embed', 'mlp'), 'relu', jnp.float32, jnp.float32)  # any module with an rng

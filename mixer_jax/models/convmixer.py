@@ -3,8 +3,9 @@
 Order conv -> activation -> BatchNorm everywhere (the norm comes *after* the activation); the residual wraps only
 the depthwise half of a block; no final norm, no drop path. Exact GELU, except the released 768/32 checkpoint,
 which was trained with ReLU. BatchNorm: eps 1e-5, torch momentum 0.1, running statistics in the `batch_stats`
-collection (call with `train=True, mutable=['batch_stats']` to train). Initialisation is PyTorch's default,
-as in the reference (the head is not zero-initialised).
+collection (call with `train=True, mutable=['batch_stats']` to train); training statistics over the global batch
+or, with `bn_group_size`, per group of examples as the authors' per-GPU BatchNorm. Initialisation is PyTorch's
+default, as in the reference (the head is not zero-initialised).
 
 Fully convolutional: any input size of at least one patch works with the same parameters. The stem is a
 strided 'VALID' convolution, as timm's and the official `nn.Conv2d(kernel_size=p, stride=p)`: the patch grid is
@@ -24,6 +25,7 @@ class ConvMixerBlock(nn.Module):
   kernel_size: int
   act: str
   depthwise: str
+  bn_group_size: int | None
   dtype: Any
   param_dtype: Any
 
@@ -32,7 +34,7 @@ class ConvMixerBlock(nn.Module):
     dim = x.shape[-1]
     act = layers.activation(self.act)
     kw = dict(in_features=dim, dtype=self.dtype, param_dtype=self.param_dtype)
-    bn = dict(train=train, param_dtype=self.param_dtype)
+    bn = dict(train=train, param_dtype=self.param_dtype, group_size=self.bn_group_size)
     y = layers.DepthwiseConv(self.kernel_size, self.dtype, self.param_dtype, self.depthwise, name='depthwise')(x)
     x = x + layers.batch_norm(name='depthwise_norm', **bn)(act(y))
     y = layers.conv(dim, (1, 1), name='pointwise', **kw)(x)
@@ -47,6 +49,10 @@ class ConvMixer(nn.Module):
   kernel_size: int
   patch_size: int
   act: str = 'gelu'
+  # BatchNorm training statistics: None over the whole (global) batch; G over each group of G consecutive
+  # examples, as PyTorch's per-GPU BatchNorm on G images (running statistics averaged as timm's --dist-bn
+  # reduce), see layers.GroupBatchNorm. G must divide the batch (each micro-batch under accumulation).
+  bn_group_size: int | None = None
   depthwise: str = 'conv'  # depthwise convolution form, see layers.DepthwiseConv ('auto' in models.create)
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
   scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked, see convert.scan
@@ -66,9 +72,10 @@ class ConvMixer(nn.Module):
     out = {}
     x = layers.conv(self.dim, (p, p), strides=(p, p), in_features=images.shape[-1], dtype=self.dtype,
                     param_dtype=self.param_dtype, name='stem')(images)
-    x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, name='stem_norm')(act(x))
+    x = out['stem'] = layers.batch_norm(train=train, param_dtype=self.param_dtype, group_size=self.bn_group_size,
+                                        name='stem_norm')(act(x))
     block = functools.partial(layers.maybe_remat(ConvMixerBlock, self.remat), self.kernel_size, self.act,
-                              self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype)
+                              self.depthwise, self.bn_group_size, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_blocks:  # no per-block `out` entries
       x = layers.scan_blocks(block(name='ConvMixerBlock'), x, train, self.depth)
     for i in range(0 if self.scan_blocks else self.depth):

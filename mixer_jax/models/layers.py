@@ -143,16 +143,72 @@ def layer_norm(epsilon: float, *, param_dtype: Dtype, axis: str = 'embed', name:
       bias_init=nn.with_logical_partitioning(zeros, (axis,)))
 
 
-def batch_norm(*, train: bool, param_dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(*, train: bool, param_dtype: Dtype, group_size: int | None = None,
+               name: str | None = None) -> nn.Module:
   """PyTorch BatchNorm2d semantics: eps 1e-5, running stats updated with torch momentum 0.1 (flax 0.9).
 
-  Under `jax.jit` with the batch axis sharded over a mesh, the statistics are those of the global batch.
+  group_size None: under `jax.jit` with the batch axis sharded over a mesh, the statistics are those of the
+  global batch (flax updates the running variance with the biased batch variance). Otherwise `GroupBatchNorm`:
+  per-group statistics, as PyTorch's per-GPU BatchNorm. Both keep the same variables.
   """
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-      name=name,
-      scale_init=nn.with_logical_partitioning(ones, ('embed',)),
-      bias_init=nn.with_logical_partitioning(zeros, ('embed',)))
+  kw = dict(param_dtype=param_dtype, name=name, scale_init=nn.with_logical_partitioning(ones, ('embed',)),
+            bias_init=nn.with_logical_partitioning(zeros, ('embed',)))
+  if group_size is not None:
+    return GroupBatchNorm(group_size, train=train, **kw)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, **kw)
+
+
+class GroupBatchNorm(nn.Module):
+  """BatchNorm over the last axis with training statistics per group of `group_size` consecutive examples: a
+  (B, ..., C) batch is viewed as (B/G, G, ..., C) and each group normalised with its own mean and biased
+  variance, exactly what PyTorch's BatchNorm2d computes on each GPU's shard of G images under DDP.
+
+  Groups are consecutive along the batch, so with the batch sharded over devices and G dividing the per-device
+  batch each group lies on one device and normalising needs no collective; only the running-statistics update
+  averages the per-group (C,) vectors across devices (the reduce).
+
+  Running statistics: each PyTorch replica i updates r_i <- (1-m) r_i + m s_i with its own batch mean and
+  *unbiased* variance s_i (m = 0.1), and timm's `--dist-bn reduce` replaces every r_i by their mean at the end
+  of each epoch. The update is linear, so mean_i r_i follows (1-m) mean_i r_i + m mean_i s_i exactly, whatever
+  the r_i were: one running value updated every step with the mean over groups of the group means and unbiased
+  variances equals timm's reduced statistics at each epoch end. The only difference is timing: ours are the
+  reduced value at every step, not only after the epoch's reduce (which timm runs before evaluating and saving).
+  Evaluation normalises with the running statistics. Variables are nn.BatchNorm's (params scale, bias;
+  batch_stats mean, var, float32), so checkpoints and converters serve both forms.
+  """
+  group_size: int
+  train: bool
+  param_dtype: Dtype
+  scale_init: Initializer
+  bias_init: Initializer
+  epsilon: float = 1e-5
+  momentum: float = 0.1  # PyTorch's convention: the weight of the new statistics
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param('scale', self.scale_init, features, self.param_dtype)
+    bias = self.param('bias', self.bias_init, features, self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    x = x.astype(jnp.float32)
+    if not self.train:
+      return (x - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
+    batch, g = x.shape[0], self.group_size
+    if g < 1 or batch % g:
+      raise ValueError(f'bn_group_size={g} does not divide the batch of {batch} examples')
+    groups = x.reshape(batch // g, g, *x.shape[1:])
+    axes = tuple(range(1, groups.ndim - 1))  # within a group: its examples and all positions
+    mean = groups.mean(axes, keepdims=True)
+    var = jnp.square(groups - mean).mean(axes, keepdims=True)
+    y = (groups - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    if not self.is_initializing():
+      n = groups.size // (groups.shape[0] * features[0])  # values per group and channel
+      stat_axes = tuple(range(groups.ndim - 1))
+      m = self.momentum
+      ra_mean.value = (1 - m) * ra_mean.value + m * mean.mean(stat_axes)
+      ra_var.value = (1 - m) * ra_var.value + m * (n / (n - 1)) * var.mean(stat_axes)
+    return y.reshape(x.shape)
 
 
 class MlpBlock(nn.Module):
