@@ -24,9 +24,18 @@ def _mesh(devices: int = 8) -> Mesh:
   return Mesh(np.array(jax.devices()[:devices]), ('x',))
 
 
+def _incompressible(rng, shape) -> np.ndarray:
+  """float32 of uniformly random bits (finite ones): zstd stores them as they are, so a test can find and damage
+  them in the data files, and the damage changes the array instead of breaking the decompression."""
+  bits = rng.integers(0, 2**32, shape, dtype=np.uint32)
+  exponent = (bits >> 23) & 0xFF
+  bits = np.where((exponent == 0) | (exponent == 0xFF), bits ^ (np.uint32(0x40) << 23), bits)  # no inf/nan/subnormal
+  return bits.view(np.float32)
+
+
 def _host_state(seed: int, optimizer=optax.adam(1e-3), kernel_rows: int = 256):
   rng = np.random.default_rng(seed)
-  params = {'dense': {'kernel': rng.standard_normal((kernel_rows, 64), np.float32)},  # random: incompressible
+  params = {'dense': {'kernel': _incompressible(rng, (kernel_rows, 64))},
             'norm': {'scale': rng.standard_normal(64, np.float32).astype(jnp.bfloat16)}}
   return {'step': np.int32(seed), 'params': params, 'opt_state': optimizer.init(params),
           'rng': rng.integers(0, 2**32, 2, dtype=np.uint32)}
@@ -67,12 +76,17 @@ def _data_file(step_dir: str) -> str:
 
 
 def _flip_bytes(step_dir: str) -> None:
-  path = _data_file(step_dir)
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    data = f.read(8)
-    f.seek(-len(data), os.SEEK_CUR)
-    f.write(bytes(b ^ 0x5A for b in data))
+  """Inverts 8 bytes inside the step-4 kernel's data, found by its bytes (zstd stores random floats as they are):
+  OCDBT packs several arrays' chunks into one file, so a fixed offset may land in another array's."""
+  needle = _host_state(4)['params']['dense']['kernel'][100].tobytes()[:16]
+  for path in glob.glob(os.path.join(step_dir, 'default', 'ocdbt.process_*', 'd', '*')):
+    with open(path, 'r+b') as f:
+      at = f.read().find(needle)
+      if at >= 0:
+        f.seek(at)
+        f.write(bytes(b ^ 0x5A for b in needle[:8]))
+        return
+  raise AssertionError(f'the kernel\'s bytes are in no data file of {step_dir}')
 
 
 DAMAGE = {
