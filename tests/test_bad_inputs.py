@@ -199,11 +199,11 @@ def _command(*args):
 
 
 @pytest.mark.parametrize('args', [
-    ('train.py', QUICK, '--workdir=/tmp/unused', '--config.lrr=0.1'),
+    ('train.py', QUICK, '--workdir={tmp}/never_made', '--config.lrr=0.1'),
     ('-m', 'mixer_jax.bench', 'model', '--model', 'mixer_s32', '--batch', '0'),
 ], ids=['train.py', 'bench'])
-def test_a_real_process_prints_one_error_line_and_exits_1(args):
-  run = _command(*args)
+def test_a_real_process_prints_one_error_line_and_exits_1(args, tmp):
+  run = _command(*(a.format(tmp=tmp) for a in args))
   assert run.returncode == 1, run.stderr
   assert [line for line in run.stderr.splitlines() if 'error' in line.lower()] == [run.stderr.strip()], run.stderr
 
