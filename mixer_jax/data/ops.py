@@ -33,6 +33,7 @@ from typing import Callable
 import tensorflow as tf
 
 from mixer_jax.data import randaug as randaug_lib
+from mixer_jax.data import randaug_timm as randaug_timm_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -531,11 +532,29 @@ def randaug(num_layers=2, magnitude=10):
     raise ValueError(f'magnitude must be in [0, 30] (10 is the reference maximum), got {magnitude!r}')
 
   def apply(image, seed):
-    if image.dtype != tf.uint8 or image.shape[-1] != 3:
-      raise ValueError(f'randaug works on uint8 RGB images, got {image.dtype.name} {image.shape}: put it before '
-                       'value_range/normalize, after decode (channels=3) or grayscale_to_rgb')
+    _check_uint8_rgb('randaug', image)
     return randaug_lib.distort_image_with_randaugment(image, num_layers, float(magnitude), seed)
   return apply
+
+
+@register('randaug_timm', random=True)
+def randaug_timm(config_str='rand-m9-mstd0.5-inc1', interpolation='random', fill=randaug_timm_lib.FILL):
+  """timm's RandAugment (train.py's --aa config_str) on uint8 RGB images, equal to timm's PIL ops; geometric ops
+  resample with `interpolation` (bilinear, bicubic or random: either, per op) and fill with `fill`. The config
+  string and the ops are in `mixer_jax.data.randaug_timm`.
+  """
+  augment = randaug_timm_lib.rand_augment_transform(config_str, interpolation, fill)
+
+  def apply(image, seed):
+    _check_uint8_rgb('randaug_timm', image)
+    return augment(image, seed)
+  return apply
+
+
+def _check_uint8_rgb(name, image):
+  if image.dtype != tf.uint8 or image.shape[-1] != 3:
+    raise ValueError(f'{name} works on uint8 RGB images, got {image.dtype.name} {image.shape}: put it before '
+                     'value_range/normalize, after decode (channels=3) or grayscale_to_rgb')
 
 
 @register('random_erasing', random=True)

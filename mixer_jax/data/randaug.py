@@ -24,11 +24,12 @@ it at the fixed magnitude M (`cutout_const=40`, `translate_const=100`, fill 128,
 | SolarizeAdd  | add int(110 * M/10) to pixels < 128, saturating    | +165                | +99           |
 
 The reference's quirks are kept so magnitudes mean what they mean in Google's recipes (Solarize weakens as M
-grows; Posterize keeps more bits as M grows). One bug is not kept: the reference's Contrast blends towards
-(pixel count / 256) instead of the mean grey level; this Contrast blends towards the mean grey level, as PIL
-and timm do. timm's `rand-m9-mstd0.5-inc1` (ConvMixer, DaViT) is a different variant (15 ops without Cutout,
-each applied with probability 0.5, noisy magnitude, "increasing" Posterize/Solarize/enhance ops, translate
-relative to the image size); `randaug(2, 9)` is its closest equivalent here.
+grows; Posterize keeps more bits as M grows), and so is its Contrast bug: it blends towards a constant grey of
+(pixel count / 256) (the sum of its 256-bin histogram, divided by 256; 196 at 224x224, whatever the image),
+not the mean grey level. The Mixer recipe reproduces big_vision's runs, which trained with that Contrast.
+timm's RandAugment (`rand-m9-mstd0.5-inc1`, ConvMixer and DaViT: 15 PIL ops without Cutout, each applied with
+probability 0.5 at a noisy magnitude, "increasing" ops, a Contrast towards the mean grey) is `randaug_timm.py`
+and the `randaug_timm` pp op.
 
 This module owns the image transforms; the `randaug` pp op in `ops.py` wraps `distort_image_with_randaugment`.
 """
@@ -42,7 +43,7 @@ CUTOUT_CONST = 40
 TRANSLATE_CONST = 100
 
 
-def _blend(degenerate, image, factor):
+def blend(degenerate, image, factor):
   """degenerate + factor * (image - degenerate), saturated to uint8; factor 1 is the identity."""
   x = tf.cast(degenerate, tf.float32) + factor * (tf.cast(image, tf.float32) - tf.cast(degenerate, tf.float32))
   return tf.cast(tf.clip_by_value(x, 0.0, 255.0), tf.uint8)
@@ -100,8 +101,9 @@ def rotate(image, degrees):
 
 
 def posterize(image, bits):
-  shift = 2 ** (8 - min(max(bits, 0), 8))
-  return tf.cast(tf.cast(image, tf.int32) // shift * shift, tf.uint8)
+  """Keeps the `bits` (int or int32 tensor) high bits of each value; bits <= 0 keeps none, bits >= 8 all."""
+  shift = 8 - tf.clip_by_value(bits, 0, 8)
+  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(tf.cast(image, tf.int32), shift), shift), tf.uint8)
 
 
 def solarize(image, threshold):
@@ -114,28 +116,32 @@ def solarize_add(image, addition, threshold=128):
 
 
 def color(image, factor):
-  return _blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), image, factor)
+  return blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), image, factor)
 
 
 def contrast(image, factor):
-  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+  """The reference's Contrast: blends towards the grey level uint8(min(pixel count / 256, 255)) (its bug, kept)."""
+  pixels = tf.cast(tf.shape(image)[0] * tf.shape(image)[1], tf.float32)
+  grey = tf.cast(tf.minimum(pixels / 256.0, 255.0), tf.uint8)
+  return blend(tf.fill(tf.shape(image), grey), image, factor)
 
 
 def brightness(image, factor):
-  return _blend(tf.zeros_like(image), image, factor)
+  return blend(tf.zeros_like(image), image, factor)
 
 
 def sharpness(image, factor):
-  """Blends with a 3x3 smoothed copy (PIL's SMOOTH kernel) whose one-pixel border is the original."""
+  """Blends with a 3x3 smoothed copy (PIL's SMOOTH kernel) whose one-pixel border is the original (so images
+  under 3 pixels high or wide blend with themselves, as in PIL)."""
   x = tf.cast(image, tf.float32)[None]
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding='VALID')[0]
+  smooth = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding='SAME')[0]
   smooth = tf.cast(tf.clip_by_value(tf.round(smooth), 0.0, 255.0), tf.uint8)
-  inner = tf.pad(tf.ones_like(smooth, tf.bool), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
-  return _blend(degenerate, image, factor)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  rows, cols = tf.range(h), tf.range(w)
+  inner = ((rows > 0) & (rows < h - 1))[:, None, None] & ((cols > 0) & (cols < w - 1))[None, :, None]
+  return blend(tf.where(inner, smooth, image), image, factor)
 
 
 def shear_x(image, level):
