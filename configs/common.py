@@ -82,9 +82,16 @@ def base_config() -> ConfigDict:
   c.loss = 'softmax_xent'  # or 'sigmoid_xent' (big_vision's Mixer recipe)
   c.label_smoothing = 0.0
   c.init_head_bias = placeholder(float)  # e.g. -6.9 = log(1/1000) with sigmoid_xent
-  # timm semantics: with probability `prob`, mix the batch with its reverse; cutmix instead of mixup with
-  # probability `switch_prob` when both alphas are positive.
-  c.mixup = ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5))
+  # On device, in timm's loader order (mixer_jax/mixup.py). Mixup: with probability `prob`, mix the batch with its
+  # reverse; cutmix instead of mixup with probability `switch_prob` when both alphas are positive; group_size: mix
+  # each run of that many examples on its own, as timm's per-GPU collate (None: the whole global batch).
+  c.mixup = ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5,
+                            group_size=placeholder(int)))
+  # Then timm's RandomErasing on the mixed, normalised images: with probability `prob` (0: off) one box of area
+  # area_min..area_max of the image and log-uniform aspect ratio_min..ratio_max, filled with N(0, 1) noise per
+  # pixel ('pixel'), per channel ('rand') or zeros ('const').
+  c.random_erasing = ConfigDict(dict(prob=0.0, mode='pixel', area_min=0.02, area_max=1 / 3, ratio_min=0.3,
+                                     ratio_max=1 / 0.3))
 
   # Optimizer (mixer_jax/optim.py): clip -> adam|sgd -> lr (x lr_mults) -> weight decay -> schedule.
   c.optimizer = 'adam'

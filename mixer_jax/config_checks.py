@@ -13,7 +13,7 @@ import math
 import os
 import re
 
-from mixer_jax import cli, data, losses, models, optim
+from mixer_jax import cli, data, losses, mixup, models, optim
 from mixer_jax.convert import resize
 
 # (name, required): the durations of configs/common.py, each given as exactly one of _steps/_epochs/_examples.
@@ -68,6 +68,13 @@ RULES = (
     ('mixup.cutmix_alpha', _number_in(0), 'a number >= 0 (0: off)'),
     ('mixup.prob', _number_in(0, 1), 'a probability in [0, 1]'),
     ('mixup.switch_prob', _number_in(0, 1), 'a probability in [0, 1]'),
+    ('mixup.group_size', _int_from(1), 'None or an integer >= 1 (None: the whole batch)'),
+    ('random_erasing.prob', _number_in(0, 1), 'a probability in [0, 1] (0: off)'),
+    ('random_erasing.mode', _one_of(mixup.ERASE_MODES), f'one of {mixup.ERASE_MODES}'),
+    ('random_erasing.area_min', lambda v: _number(v) and 0 < v <= 1, 'a fraction of the image in (0, 1]'),
+    ('random_erasing.area_max', lambda v: _number(v) and 0 < v <= 1, 'a fraction of the image in (0, 1]'),
+    ('random_erasing.ratio_min', lambda v: _number(v) and v > 0, 'an aspect ratio > 0'),
+    ('random_erasing.ratio_max', lambda v: _number(v) and v > 0, 'an aspect ratio > 0'),
     ('optimizer', _one_of(optim.OPTIMIZERS), f'one of {optim.OPTIMIZERS}'),
     ('lr', _number_in(0), 'a number >= 0 (a negative learning rate climbs the loss)'),
     ('schedule.type', _one_of(optim.SCHEDULES), f'one of {optim.SCHEDULES}'),
@@ -155,6 +162,14 @@ def check(config) -> None:
     value = _get(config, path)
     if not (value is None and must.startswith('None or')) and not accepts(value):
       _refuse(path, value, must)
+  group, batch = config.mixup.group_size, config.input.batch_size
+  if group is not None and batch % group:
+    _refuse('mixup.group_size', group, f'a divisor of input.batch_size {batch}: change one of them (timm: the '
+            'per-GPU batch, which divides the global one)')
+  erasing = config.random_erasing
+  for low, high in (('area_min', 'area_max'), ('ratio_min', 'ratio_max')):
+    if erasing[low] > erasing[high]:
+      _refuse(f'random_erasing.{low}', erasing[low], f'<= random_erasing.{high} = {erasing[high]!r}')
   for name, required in DURATIONS:
     _check_duration(config, '', name, required=required)
   _check_duration(config.schedule, 'schedule.', 'warmup', required=True, zero=True)

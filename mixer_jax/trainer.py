@@ -141,6 +141,10 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
     mix_rng, dropout_rng = jax.random.split(rng)
     labels = losses.smooth_labels(batch['labels'], config.label_smoothing)
     images, labels = mixup.mix(mix_rng, batch['image'], labels, **config.mixup.to_dict())
+    if config.random_erasing.prob > 0:  # after mixup, as timm's loader; off: nothing traced, the keys unchanged
+      # split(rng, 3)[2] is independent of mix_rng and dropout_rng under either threefry mode (fold_in(rng, 1)
+      # would be dropout_rng itself under the default partitionable one)
+      images = mixup.random_erasing(jax.random.split(rng, 3)[2], images, **config.random_erasing.to_dict())
     if accum == 1:
       loss, correct, batch_stats, grads = loss_and_grads(state.params, state.batch_stats, images, labels,
                                                          dropout_rng)

@@ -80,6 +80,8 @@ TRAIN_CASES = [
     ((QUICK, '--config.label_smoothing=1.5'), 'config.label_smoothing = 1.5: must be a number in [0, 1)'),
     ((QUICK, '--config.mixup.prob=2'), 'config.mixup.prob = 2.0'),
     ((QUICK, '--config.mixup.mixup_alpha=-1'), 'config.mixup.mixup_alpha = -1.0'),
+    ((QUICK, '--config.mixup.group_size=48'), 'config.mixup.group_size = 48: must be a divisor of input.batch_size'),
+    ((QUICK, '--config.random_erasing.area_min=0.5'), 'config.random_erasing.area_min = 0.5: must be <= random'),
     ((QUICK, '--config.grad_clip_norm=0'), 'config.grad_clip_norm = 0.0: must be None or a number > 0'),
     ((QUICK, '--config.wd_mask=("[",)'), 'config.wd_mask'),
     # names that are not choices

@@ -50,7 +50,6 @@ def test_parse_splits_on_top_level_bars_and_binds_literals():
     ('randaug(2, 50)', ["'randaug'", 'magnitude']),
     ('onehot(10, on=0.9, label_smoothing=0.1)', ["'onehot'", 'not both']),
     ('value_range(in_min=1, in_max=1)', ["'value_range'", 'in_max']),
-    ('random_erasing(mode="noise")', ["'random_erasing'", 'pixel']),
     ('keep()', ["'keep'", 'key']),
     ('resize(size=x)', ['literals']),
     ('decode()()', ['name(args)']),
@@ -156,21 +155,6 @@ def test_value_range_and_normalize():
   np.testing.assert_allclose(run('normalize(mean=0.5, std=0.5)', img)['image'], img / 127.5 - 1, atol=1e-6)
   clipped = run('value_range(0, 1, in_min=100, in_max=200, clip_values=True)', img)['image']
   assert clipped.min() == 0 and clipped.max() == 1
-
-
-def test_random_erasing():
-  img = run('value_range(-1, 1)', photo(64, 64))['image']
-  same = run('random_erasing(0.0)', img)['image']
-  np.testing.assert_array_equal(same, img)
-  for mode in ('pixel', 'rand', 'const'):
-    out = run(f'random_erasing(1.0, mode="{mode}")', img)['image']
-    changed = (out != img).any(-1)
-    rows, cols = np.nonzero(changed)
-    area = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
-    assert out.dtype == np.float32 and out.shape == img.shape
-    assert changed.sum() == area and 0.02 * 64 * 64 * 0.9 <= area <= 64 * 64 / 3 * 1.1  # one filled rectangle
-  with pytest.raises(ValueError, match='float images'):
-    run('random_erasing(1.0)', photo())
 
 
 # ------------------------------------------------------------------------------------------------ labels

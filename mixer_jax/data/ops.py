@@ -39,7 +39,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESIZE_METHODS = ('area', 'bicubic', 'bilinear', 'gaussian', 'lanczos3', 'lanczos5', 'mitchellcubic', 'nearest')
 _PAD_MODES = ('constant', 'reflect', 'symmetric')
-_ERASE_MODES = ('const', 'rand', 'pixel')
 SEED_KEY = '_seed'
 
 
@@ -555,45 +554,6 @@ def _check_uint8_rgb(name, image):
   if image.dtype != tf.uint8 or image.shape[-1] != 3:
     raise ValueError(f'{name} works on uint8 RGB images, got {image.dtype.name} {image.shape}: put it before '
                      'value_range/normalize, after decode (channels=3) or grayscale_to_rgb')
-
-
-@register('random_erasing', random=True)
-def random_erasing(probability=0.25, mode='pixel', area_min=0.02, area_max=1 / 3, ratio_min=0.3, ratio_max=3.3):
-  """timm's RandomErasing (Zhong et al. 2017): with `probability`, one rectangle of area_min..area_max of the
-  image and log-uniform aspect ratio is replaced by N(0, 1) noise per pixel ('pixel'), per channel ('rand') or
-  zeros ('const'). Runs on normalized float images; 10 tries to fit the rectangle, as timm.
-  """
-  if not 0 <= probability <= 1:
-    raise ValueError(f'probability must be in [0, 1], got {probability!r}')
-  _choice(mode, _ERASE_MODES, 'mode')
-  _range(area_min, area_max, 'area_min/area_max (fraction)', lo_min=1e-6, hi_max=1)
-  _range(ratio_min, ratio_max, 'ratio_min/ratio_max', lo_min=1e-6)
-  tries = 10
-
-  def apply(image, seed):
-    if not image.dtype.is_floating:
-      raise ValueError(f'random_erasing works on float images, got {image.dtype.name}: put it after '
-                       'value_range/normalize')
-    s_apply, s_area, s_ratio, s_top, s_left, s_fill = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    area = tf.random.stateless_uniform([tries], s_area, area_min, area_max) * h * w
-    ratio = tf.exp(tf.random.stateless_uniform([tries], s_ratio, tf.math.log(float(ratio_min)),
-                                               tf.math.log(float(ratio_max))))
-    eh, ew = tf.round(tf.sqrt(area * ratio)), tf.round(tf.sqrt(area / ratio))
-    fits = (eh < h) & (ew < w)
-    first = tf.argmax(tf.cast(fits, tf.int32))  # the first try that fits (0 when none does; `fits` decides)
-    eh, ew = tf.cast(eh[first], tf.int32), tf.cast(ew[first], tf.int32)
-    top = tf.random.stateless_uniform([], s_top, 0, shape[0] - eh + 1, tf.int32)
-    left = tf.random.stateless_uniform([], s_left, 0, shape[1] - ew + 1, tf.int32)
-    rows, cols = tf.range(shape[0]), tf.range(shape[1])
-    inside = (((rows >= top) & (rows < top + eh))[:, None] & ((cols >= left) & (cols < left + ew))[None, :])
-    erase = inside & fits[first] & (tf.random.stateless_uniform([], s_apply) < probability)
-    fill_shape = {'pixel': shape, 'rand': [1, 1, shape[2]], 'const': [1, 1, 1]}[mode]
-    fill = tf.random.stateless_normal(fill_shape, s_fill, dtype=image.dtype) if mode != 'const' else tf.zeros(
-        fill_shape, image.dtype)
-    return tf.where(erase[:, :, None], fill, image)
-  return apply
 
 
 # ---------------------------------------------------------------------------------------------------------------
