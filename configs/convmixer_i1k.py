@@ -9,11 +9,14 @@ Expected: 81.37% top-1 (convmixer_1536_20), 80.16% (convmixer_768_32, ReLU), wit
 
 Recipe (timm fork flags translated): AdamW (0.9, 0.999, eps 1e-3), lr 0.01 with the one-cycle schedule (0 ->
 0.01 at 2/5 -> 5e-4 at 4/5 -> 0), weight decay 2e-5 (timm's default, AdamW convention, kernels only), clip 1,
-RandAugment(2, 9) (for timm's rand-m9-mstd0.5-inc1, see data/randaug.py), mixup 0.5 / cutmix 0.5 switching per
-batch, label smoothing 0.1, random erasing 0.25 (pixel), inception crop 8-100% bicubic, flip. BatchNorm
-statistics per group of 64 images (`bn_group_size=64`): the authors' `-b 64` per GPU on 10 GPUs without SyncBN,
-running statistics averaged as their `--dist-bn reduce` (reference/recipes.md sections 4 and 11); the batch, and
-each micro-batch under accumulation, must be a multiple of 64. `:bn_group_size=0` uses global-batch statistics.
+label smoothing 0.1. Augmentation as timm's train.py applies it (README "What each recipe applies"): per image,
+timm's random-resized crop (8-100%, bilinear or bicubic at random, antialiased), flip, RandAugment
+`rand-m9-mstd0.5-inc1`; per batch on device, mixup 0.5 / cutmix 0.5 switching per group of 64 images (the
+authors' per-GPU collate; `:mixup_group_size=0` mixes the global batch), then random erasing 0.25 (pixel) on the
+mixed, normalised images. BatchNorm statistics per group of 64 images (`bn_group_size=64`): the authors' `-b 64`
+per GPU on 10 GPUs without SyncBN, running statistics averaged as their `--dist-bn reduce` (reference/recipes.md
+sections 4 and 11); each micro-batch under accumulation must be a multiple of 64. `:bn_group_size=0` uses
+global-batch statistics.
 """
 from configs import common
 from mixer_jax.data import presets
@@ -22,7 +25,8 @@ EPOCHS = {'1536_20': 150.0, '768_32': 300.0, '1024_20_p14': 150.0}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant='1536_20', epochs=0.0, batch_size=640, bn_group_size=64)
+  a = common.parse_arg(arg, variant='1536_20', epochs=0.0, batch_size=640, bn_group_size=64,
+                      mixup_group_size=64)
   if a.variant not in EPOCHS:
     raise ValueError(f'unknown ConvMixer variant {a.variant!r}; choose one of {", ".join(EPOCHS)}')
   c = common.base_config()
@@ -38,7 +42,9 @@ def get_config(arg=None):
   c.total_epochs = a.epochs or EPOCHS[a.variant]
   c.eval_every_epochs = 10.0
 
-  c.mixup = dict(mixup_alpha=0.5, cutmix_alpha=0.5, prob=1.0, switch_prob=0.5)
+  c.mixup.update(mixup_alpha=0.5, cutmix_alpha=0.5, prob=1.0, switch_prob=0.5,
+                 group_size=a.mixup_group_size or None)
+  c.random_erasing.update(prob=0.25, mode='pixel')
   c.optimizer = 'adam'
   c.optimizer_kw.eps = 1e-3
   c.lr = 0.01

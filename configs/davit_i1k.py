@@ -7,9 +7,11 @@ Hardware: 8 GPUs with 128 images each (batch 1024), as the official command; on 
 Expected: 82.8% (tiny), 84.2% (small), 84.6% (base) top-1 with the official eval crop_pct 0.9 (paper).
 
 Recipe: AdamW (0.9, 0.999, eps 1e-8), lr 1e-3, weight decay 0.05 (kernels, CPE convolutions included; not
-biases or norms), clip 1, drop path 0.1 / 0.2 / 0.4 (tiny / small / base; see DROP_PATH), RandAugment(2, 9),
-mixup 0.8 / cutmix 1.0 switching per batch, label smoothing 0.1, random erasing 0.25, inception crop 8-100%
-bicubic, flip. The schedule is timm's as the official train.py runs it (`--sched cosine --epochs 300
+biases or norms), clip 1, drop path 0.1 / 0.2 / 0.4 (tiny / small / base; see DROP_PATH), label smoothing 0.1.
+Augmentation as the official train.py (timm) applies it (README "What each recipe applies"): per image, timm's
+random-resized crop (8-100%, bicubic, antialiased), flip, RandAugment `rand-m9-mstd0.5-inc1` (bicubic); per batch
+on device, mixup 0.8 / cutmix 1.0 switching per group of 128 images (8 GPUs x 128; `:mixup_group_size=0` mixes
+the global batch), then random erasing 0.25 (pixel) on the mixed, normalised images. The schedule is timm's as the official train.py runs it (`--sched cosine --epochs 300
 --cooldown-epochs 10 --warmup-epochs 5 --warmup-lr 1e-6 --min-lr 1e-5`: CosineLRScheduler stepped once per
 epoch, warmup inside the cosine's clock): 310 epochs, the lr constant within each epoch, rising linearly from
 1e-6 over epochs 0-4, then 1e-5 + (lr - 1e-5)(1 + cos(pi e / 300)) / 2 at epoch e < 300, and 1e-5 for the 10
@@ -26,7 +28,7 @@ DROP_PATH = {'tiny': 0.1, 'small': 0.2, 'base': 0.4}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant='tiny', epochs=300.0, batch_size=1024, lr=1e-3)
+  a = common.parse_arg(arg, variant='tiny', epochs=300.0, batch_size=1024, lr=1e-3, mixup_group_size=128)
   if a.variant not in DROP_PATH:
     raise ValueError(f'unknown DaViT recipe variant {a.variant!r}; choose one of {", ".join(DROP_PATH)}')
   c = common.base_config()
@@ -41,7 +43,9 @@ def get_config(arg=None):
   c.total_epochs = a.epochs + COOLDOWN_EPOCHS
   c.eval_every_epochs = 10.0
 
-  c.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+  c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+                 group_size=a.mixup_group_size or None)
+  c.random_erasing.update(prob=0.25, mode='pixel')
   c.optimizer = 'adam'
   c.lr = a.lr
   c.weight_decay = 0.05

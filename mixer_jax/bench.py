@@ -160,10 +160,12 @@ def bench_config(name: str, *, batch: int, res: int | None = None, dtype: str = 
     c.model[key] = value
   c.input.batch_size = batch
   c.mesh.shape = tuple(mesh_shape)
+  # The recipe's per-GPU groups (BatchNorm: ConvMixer's 64 images; mixup: 64 or 128) need a batch that is a multiple
+  # of them; any other batch is timed with the global batch as one group, the same FLOPs.
   if c.model.get('bn_group_size') and batch % c.model.bn_group_size:
-    # the recipe's BatchNorm groups (ConvMixer: 64 images, as per GPU) need a multiple of them; any other batch is
-    # timed with global statistics, the same FLOPs
     c.model.bn_group_size = None
+  if c.mixup.group_size and batch % c.mixup.group_size:
+    c.mixup.group_size = None
   return c
 
 

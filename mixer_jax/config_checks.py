@@ -166,6 +166,12 @@ def check(config) -> None:
   if group is not None and batch % group:
     _refuse('mixup.group_size', group, f'a divisor of input.batch_size {batch}: change one of them (timm: the '
             'per-GPU batch, which divides the global one)')
+  # BatchNorm sees one micro-batch at a time (an accum_steps that does not divide the batch is refused later,
+  # against the devices)
+  bn_group, micro_batch = config.model.get('bn_group_size'), batch // config.accum_steps
+  if bn_group is not None and not (_integer(bn_group) and bn_group >= 1 and micro_batch % bn_group == 0):
+    _refuse('model.bn_group_size', bn_group, f'None or an integer >= 1 dividing the {micro_batch} examples of each '
+            f'micro-batch (input.batch_size {batch} / accum_steps {config.accum_steps}): change one of them')
   erasing = config.random_erasing
   for low, high in (('area_min', 'area_max'), ('ratio_min', 'ratio_max')):
     if erasing[low] > erasing[high]:

@@ -43,6 +43,8 @@ def test_recipe_runs_two_steps(recipe, arg, tmp_path, monkeypatch):
   config.input.batch_size = 8
   if config.model.get('bn_group_size'):  # ConvMixer's per-GPU statistics: groups of 4 of the 8
     config.model.bn_group_size = 4
+  if config.mixup.group_size:  # timm's per-GPU mixup: groups of 4 of the 8
+    config.mixup.group_size = 4
   config.input.data_dir = str(tmp_path / 'tfds')
   config.input.shuffle_buffer = 16
   config.input.cache = None

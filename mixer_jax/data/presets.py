@@ -7,12 +7,14 @@ Eval: timm's `crop_pct` convention, resize the shorter side to floor(resolution 
   * davit: crop_pct 0.9, bicubic, ImageNet mean/std (the official DaViT evaluation; timm's uses 0.95).
 Bicubic resizes use `antialias=True` to match PIL, which timm's evaluation uses.
 
-Train: the recipes' augmentation up to what the trainer does on device (mixup/cutmix):
+Train: the recipes' per-image augmentation; mixup/cutmix and random erasing follow on device (mixer_jax/mixup.py,
+the recipe's `mixup` and `random_erasing` fields):
   * mixer (big_vision mlp_mixer_i1k): inception crop, flip, randaug(2, 15), [-1, 1].
-  * convmixer / davit (timm `rand-m9-mstd0.5-inc1`, reprob 0.25, smoothing 0.1): inception crop with area
-    8-100 %, bicubic, flip, randaug(2, 9) (the TF-TPU RandAugment, see randaug.py for how it differs from
-    timm's), ImageNet mean/std, random erasing 0.25 (pixel mode), one-hot with label smoothing 0.1 (timm folds
-    the smoothing into the mixup targets the same way: smoothing then mixing equals mixing smoothed targets).
+  * convmixer / davit (timm's train.py transforms): timm's random-resized crop (scale 0.08-1, ratio 3/4-4/3,
+    PIL's antialiased resize), flip, timm's RandAugment `rand-m9-mstd0.5-inc1`, both resampling with timm's
+    --train-interpolation (ConvMixer 'random': bilinear or bicubic per call; DaViT 'bicubic'), ImageNet mean/std,
+    one-hot with label smoothing 0.1 (timm folds the smoothing into the mixup targets the same way: smoothing then
+    mixing equals mixing smoothed targets).
 
 This module owns the strings only; `ops.parse` checks them.
 """
@@ -21,6 +23,8 @@ import math
 FAMILIES = ('mixer', 'convmixer', 'davit')
 _NORMALIZE = 'normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))'
 _CROP_PCT = {'mixer': 0.875, 'convmixer': 0.96, 'davit': 0.9}
+# timm train.py's --train-interpolation: its default 'random' in the ConvMixer runs; dingmyu/davit sets 'bicubic'
+_TRAIN_INTERPOLATION = {'convmixer': 'random', 'davit': 'bicubic'}
 
 
 def _check(family, resolution, num_classes):
@@ -53,6 +57,7 @@ def train_pp(family: str, *, resolution: int = 224, num_classes: int = 1000, lab
   if family == 'mixer':
     image = f'decode_jpeg_and_inception_crop({resolution})|flip_lr|randaug(2, 15)|value_range(-1, 1)'
     return f'{image}|{_labels(num_classes, label_key)}'
-  image = (f'decode_jpeg_and_inception_crop({resolution}, area_min=8, method="bicubic")|flip_lr|randaug(2, 9)|'
-           f'{_NORMALIZE}|random_erasing(0.25, mode="pixel")')
+  method = _TRAIN_INTERPOLATION[family]
+  image = (f'decode_jpeg_and_random_resized_crop({resolution}, method="{method}")|flip_lr|'
+           f'randaug_timm("rand-m9-mstd0.5-inc1", interpolation="{method}")|{_NORMALIZE}')
   return f'{image}|{_labels(num_classes, label_key, smoothing=0.1)}'
