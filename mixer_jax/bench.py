@@ -119,7 +119,7 @@ def _add_input_parser(subparsers):
 
 
 # ----------------------------------------------------------------------------------------------------- model
-# Dense bfloat16 peak TFLOP/s of a GPU (vendor figures, no sparsity; users_and_performance.md B1); TPUs are in
+# Dense bfloat16 peak TFLOP/s of a GPU (vendor data sheets, no sparsity); TPUs are in
 # mixer_jax.aot.TPUS with their HBM. The first entry whose name is in the `device_kind` wins.
 GPU_PEAK_TFLOPS = (('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0), ('L4', 121.0),
                    ('A10G', 70.0), ('RTX 4090', 165.0))

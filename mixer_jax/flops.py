@@ -1,11 +1,11 @@
 """Analytic multiply-accumulates per image for the three families: the model FLOPs behind MFU.
 
 FLOPs = 2 x MACs for inference; a training step costs 3 x the forward pass (the backward pass computes a gradient
-for the activations and one for the weights), the convention of PaLM's MFU and of
-../shared/reference/users_and_performance.md B1. Counted: every matmul and convolution, the depthwise
-convolutions (ConvMixer's and DaViT's CPEs; timm's own counts omit them) and attention's two matmuls;
-not counted: norms, activations, softmax and the optimizer (a few percent; `mixer_jax.bench` shows XLA's own
-count beside this one). Padding is counted: DaViT's window attention works on the padded grid.
+for the activations and one for the weights), the convention of PaLM's MFU (Chowdhery et al., 2022, appendix B).
+Counted: every matmul and convolution, the depthwise convolutions (ConvMixer's and DaViT's CPEs; timm's own counts
+omit them) and attention's two matmuls; not counted: norms, activations, softmax and the optimizer (a few
+percent; `mixer_jax.bench` shows XLA's own count beside this one). Padding is counted: DaViT's window attention
+works on the padded grid.
 """
 import math
 

@@ -69,7 +69,7 @@ def test_unknown_model_stops_with_one_line(capsys):
 
 
 def test_published_mac_counts():
-  """timm's `infer_gmacs` (users_and_performance.md B2; ConvMixer with its depthwise MACs)."""
+  """timm's `infer_gmacs` (timm's results tables; ConvMixer with its depthwise MACs)."""
   published = {'mixer_b16': 12.62, 'mixer_l16': 44.6, 'convmixer_768_32': 20.68, 'convmixer_1536_20': 51.10,
                'davit_tiny': 4.54, 'davit_small': 8.80, 'davit_base': 15.51}
   for name, gmacs in published.items():

@@ -12,7 +12,7 @@ from mixer_jax import models
 from mixer_jax.convert import scan
 from mixer_jax.models import davit, layers
 
-# Published parameter counts with a 1000-class head at 224 (models.md: vit_jax models_test.py, timm).
+# Published parameter counts with a 1000-class head at 224 (vit_jax's models_test.py, timm's model cards).
 PUBLISHED_PARAMS = {
     'mixer_s32': 19_104_624, 'mixer_s16': 18_528_264, 'mixer_s8': 20_646_504, 'mixer_b32': 60_293_428,
     'mixer_b16': 59_880_472, 'mixer_l32': 206_939_264, 'mixer_l16': 208_196_168, 'mixer_h14': 432_350_952,
@@ -52,7 +52,7 @@ def test_output_shapes(name):
 
 
 def test_mixer_b16_tree_is_googles_npz_layout():
-  """Every key and shape of gs://mixer_models/*/Mixer-B_16.npz (models.md 1.5), and nothing else."""
+  """Every key and shape of gs://mixer_models/*/Mixer-B_16.npz (as listed by np.load), and nothing else."""
   expected = {'stem/kernel': (16, 16, 3, 768), 'stem/bias': (768,), 'pre_head_layer_norm/scale': (768,),
               'pre_head_layer_norm/bias': (768,), 'head/kernel': (768, 1000), 'head/bias': (1000,)}
   for i in range(12):

@@ -146,7 +146,8 @@ def test_expanded_tree_equals_a_fresh_model_at_the_new_size():
 
 
 def test_mixer_b16_at_448_has_the_papers_parameter_count():
-  """B/16 224 -> 448 (K = 2, D_S 384 -> 1536): 86,996,392 parameters (models.md 1.1), traced, not computed."""
+  """B/16 224 -> 448 (K = 2, D_S 384 -> 1536): 86,996,392 parameters (derived by hand from the paper's expansion),
+  traced, not computed."""
   abstract = models.abstract_variables(models.create('mixer_b16', num_classes=1000))['params']
   grid, width = resize.mixer_token_grid(abstract)
   assert (grid, width) == ((14, 14), 384)

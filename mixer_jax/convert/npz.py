@@ -2,7 +2,7 @@
 
 The standard layout is the flax parameter tree flattened with '/': it unflattens straight into our Mixer. The
 legacy pre-Linen layout (`Mixer/encoderblock_{i}/token_mixing_phase_0/kernel1`, ...; detected by a top-level
-`Mixer` key, never assumed) is renamed and squeezed into it (models.md 1.6). A top-level `opt/target/` or
+`Mixer` key, never assumed) is renamed and squeezed into it (`_LEGACY_RULES`). A top-level `opt/target/` or
 `params/` prefix (optimizer or variables dumps) is stripped. Shapes are checked by the caller against a model.
 """
 import re

@@ -10,7 +10,8 @@ stride, each downsample pads to an even size, and window attention pads its norm
 the window (padded tokens are unmasked keys, as in the reference) and crops the result.
 
 Channel attention is the code's formula, not the paper's naming: softmax(scale * k^T v) applied to q, with
-scale = head_dim^-0.5 and q/k/v the [0:C]/[C:2C]/[2C:3C] slices of one qkv projection (models.md section 3.4).
+scale = head_dim^-0.5 and q/k/v the [0:C]/[C:2C]/[2C:3C] slices of one qkv projection (dingmyu/davit's
+`ChannelAttention`, timm's `davit.py`).
 
 Drop path uses the official per-attention-block schedule: linspace(0, drop_path_rate, 2 * sum(depths)), entry
 2b for the spatial and 2b+1 for the channel block of the b-th pair, rescaled by 1/(1-p) like timm's DropPath.

@@ -85,7 +85,8 @@ def conv(features: int, kernel_size: Sequence[int], *, in_features: int, out_axi
   if bias_init is None:
     bias_init = torch_bias_init(in_features * kernel_size[0] * kernel_size[1])
   return nn.Conv(
-      features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype, param_dtype=param_dtype, name=name,
+      features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype, param_dtype=param_dtype,
+      name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, ('conv_height', 'conv_width', 'conv_in', out_axis)),
       bias_init=nn.with_logical_partitioning(bias_init, (out_axis,)))
 
