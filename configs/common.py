@@ -6,14 +6,15 @@ an error. Fields that default to None are typed placeholders, so they can be ove
 
 Durations (`total`, `warmup`, `decay`, `log_every`, `eval_every`, `checkpoint_every`) may be given in steps, epochs or
 examples: exactly one of `<name>_steps`, `<name>_epochs`, `<name>_examples` is set (the trainer converts them).
+
+Recipes are data, as big_vision's: a recipe imports this module and ml_collections only, and writes its
+pre-processing strings itself. Loading one imports neither TensorFlow nor JAX, the models or the converters
+(tests/test_recipes.py), so this module states what it needs of them as data, kept equal to its source by tests.
 """
 import ast
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
-
-from mixer_jax import models
-from mixer_jax.convert import scan
 
 # Logical parameter axes (mixer_jax/models/layers.py) -> mesh axes ('data', 'fsdp', 'model'). A parameter
 # dimension is sharded over the mesh axes of its logical name when its size divides; otherwise it is
@@ -37,17 +38,36 @@ def _durations(config: ConfigDict, name: str, **value):
     setattr(config, f'{name}_{unit}', value.get(unit, placeholder(kind)))
 
 
+# The speed and memory switches of each family's models, declared in `config.model` so the command line can set
+# them: `--config.model.remat=full|dots|dots_no_batch` (models/layers.py REMAT_POLICIES), `scan_blocks=True` for the
+# families whose blocks are identical (convert/scan.py BLOCKS), `depthwise=conv|shift` for those with depthwise
+# convolutions ('auto': the form for the hardware, layers.depthwise_impl). tests/test_recipes.py checks the table
+# against the registry (mixer_jax.models.options).
+MODEL_SWITCHES = {
+    'mixer': dict(remat='none', scan_blocks=False),
+    'convmixer': dict(remat='none', scan_blocks=False, depthwise='auto'),
+    'davit': dict(remat='none', depthwise='auto'),
+}
+# How datasets name a folder of the user's images, `imagefolder:<root>` (mixer_jax/data/sources.py).
+IMAGE_FOLDER = 'imagefolder:'
+
+
+def family(name: str) -> str:
+  """The family of a registered model name, 'mixer_b16' -> 'mixer' (mixer_jax.models.family, without the models)."""
+  return name.split('_', 1)[0]
+
+
 def model_config(name: str, **options) -> dict:
-  """`config.model` of a recipe: the model `name`, its `options`, and the speed and memory switches declared so
-  the command line can set them: `--config.model.remat=full|dots|dots_no_batch` (layers.REMAT_POLICIES), for
-  the families whose blocks are identical `--config.model.scan_blocks=True`, and for those with depthwise
-  convolutions `--config.model.depthwise=conv|shift` ('auto': the form for the hardware, layers.depthwise_impl)."""
-  switches = {'remat': 'none'}
-  if models.family(name) in scan.BLOCKS:
-    switches['scan_blocks'] = False
-  if 'depthwise' in models.options(name):
-    switches['depthwise'] = 'auto'
-  return dict(name=name, **switches, **options)
+  """`config.model` of a recipe: the model `name`, its family's switches (MODEL_SWITCHES), and its `options`. A
+  name outside the registry gets no switches: the config check then names it as unknown."""
+  return dict(name=name, **MODEL_SWITCHES.get(family(name), {}), **options)
+
+
+def labels(num_classes: int, key: str = 'label', smoothing: float = 0.0) -> str:
+  """The pp tail of every recipe: `labels`, the one-hot of the `key` feature (ImageNet-ReaL's multi-hot labels are
+  `real_label`) with label smoothing folded in, and only the image and labels kept."""
+  smooth = f', label_smoothing={smoothing}' if smoothing else ''
+  return f'onehot({num_classes}, key="{key}", key_result="labels"{smooth})|keep("image", "labels")'
 
 
 def base_config() -> ConfigDict:
@@ -148,14 +168,13 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
   return parsed
 
 
-def imagenet_evals(eval_pp) -> dict:
-  """big_vision's ImageNet evaluations: held-out train (minival), val, ImageNet-v2 and ImageNet-ReaL.
-
-  `eval_pp(label_key)` gives the pp string reading that label key (ReaL's multi-hot labels are `real_label`).
-  """
+def imagenet_evals(image_pp: str, num_classes: int = 1000) -> dict:
+  """big_vision's ImageNet evaluations: held-out train (minival), val, ImageNet-v2 and ImageNet-ReaL, each
+  pre-processed by `image_pp` and the `labels` tail reading its label key."""
+  pp = lambda key: f'{image_pp}|{labels(num_classes, key)}'
   return dict(
-      minival=dict(split='train[99%:]', pp=eval_pp('label')),
-      val=dict(split='validation', pp=eval_pp('label')),
-      v2=dict(dataset='imagenet_v2', split='test', pp=eval_pp('label')),
-      real=dict(dataset='imagenet2012_real', split='validation', pp=eval_pp('real_label')),
+      minival=dict(split='train[99%:]', pp=pp('label')),
+      val=dict(split='validation', pp=pp('label')),
+      v2=dict(dataset='imagenet_v2', split='test', pp=pp('label')),
+      real=dict(dataset='imagenet2012_real', split='validation', pp=pp('real_label')),
   )

@@ -19,7 +19,6 @@ sections 4 and 11); each micro-batch under accumulation must be a multiple of 64
 global-batch statistics.
 """
 from configs import common
-from mixer_jax.data import presets
 
 EPOCHS = {'1536_20': 150.0, '768_32': 300.0, '1024_20_p14': 150.0}
 
@@ -35,9 +34,14 @@ def get_config(arg=None):
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train'
-  c.input.pp = presets.train_pp('convmixer')  # label smoothing 0.1 is folded into the one-hot labels
+  # timm's --train-interpolation default, 'random' in the authors' runs: bilinear or bicubic per call
+  c.input.pp = ('decode_jpeg_and_random_resized_crop(224, method="random")|flip_lr|'
+                'randaug_timm("rand-m9-mstd0.5-inc1", interpolation="random")|normalize|'
+                + common.labels(1000, smoothing=0.1))  # timm folds the smoothing into the mixup targets alike
   c.input.batch_size = a.batch_size
-  c.evals = common.imagenet_evals(lambda key: presets.eval_pp('convmixer', label_key=key))
+  # timm's pretrained config: crop_pct 0.96, the shorter side to floor(224 / 0.96), bicubic antialiased as PIL
+  c.evals = common.imagenet_evals('decode|resize_small(233, method="bicubic", antialias=True)|central_crop(224)|'
+                                  'normalize')
   del c.evals['minival']  # the authors train on the whole train split
   c.total_epochs = a.epochs or EPOCHS[a.variant]
   c.eval_every_epochs = 10.0

@@ -6,19 +6,18 @@ Hardware: 8 GPUs with 128 images each (batch 1024), as the official command; on 
           (the README's 2-node example: lr 2e-3 at 2048).
 Expected: 82.8% (tiny), 84.2% (small), 84.6% (base) top-1 with the official eval crop_pct 0.9 (paper).
 
-Recipe: AdamW (0.9, 0.999, eps 1e-8), lr 1e-3, weight decay 0.05 (kernels, CPE convolutions included; not
-biases or norms), clip 1, drop path 0.1 / 0.2 / 0.4 (tiny / small / base; see DROP_PATH), label smoothing 0.1.
-Augmentation as the official train.py (timm) applies it (README "What each recipe applies"): per image, timm's
-random-resized crop (8-100%, bicubic, antialiased), flip, RandAugment `rand-m9-mstd0.5-inc1` (bicubic); per batch
-on device, mixup 0.8 / cutmix 1.0 switching per group of 128 images (8 GPUs x 128; `:mixup_group_size=0` mixes
-the global batch), then random erasing 0.25 (pixel) on the mixed, normalised images. The schedule is timm's as the official train.py runs it (`--sched cosine --epochs 300
---cooldown-epochs 10 --warmup-epochs 5 --warmup-lr 1e-6 --min-lr 1e-5`: CosineLRScheduler stepped once per
-epoch, warmup inside the cosine's clock): 310 epochs, the lr constant within each epoch, rising linearly from
-1e-6 over epochs 0-4, then 1e-5 + (lr - 1e-5)(1 + cos(pi e / 300)) / 2 at epoch e < 300, and 1e-5 for the 10
-cooldown epochs (`epochs=N` keeps the 10 cooldown epochs after N).
+Recipe: AdamW (0.9, 0.999, eps 1e-8), lr 1e-3, weight decay 0.05 (kernels, CPE convolutions included; not biases or
+norms), clip 1, drop path 0.1 / 0.2 / 0.4 (tiny / small / base; see DROP_PATH), label smoothing 0.1. Augmentation as
+the official train.py (timm) applies it (README "What each recipe applies"): per image, timm's random-resized crop
+(8-100%, bicubic, antialiased), flip, RandAugment `rand-m9-mstd0.5-inc1` (bicubic); per batch on device, mixup 0.8 /
+cutmix 1.0 switching per group of 128 images (8 GPUs x 128; `:mixup_group_size=0` mixes the global batch), then
+random erasing 0.25 (pixel) on the mixed, normalised images. The schedule is timm's as the official train.py runs it
+(`--sched cosine --epochs 300 --cooldown-epochs 10 --warmup-epochs 5 --warmup-lr 1e-6 --min-lr 1e-5`:
+CosineLRScheduler stepped once per epoch, warmup inside the cosine's clock): 310 epochs, the lr constant within each
+epoch, rising linearly from 1e-6 over epochs 0-4, then 1e-5 + (lr - 1e-5)(1 + cos(pi e / 300)) / 2 at epoch e < 300,
+and 1e-5 for the 10 cooldown epochs (`epochs=N` keeps the 10 cooldown epochs after N).
 """
 from configs import common
-from mixer_jax.data import presets
 
 COOLDOWN_EPOCHS = 10  # timm's --cooldown-epochs default in dingmyu/davit train.py
 # dingmyu/davit publishes one rate: train.py's `--drop-path` default 0.1 (tiny). No rate for small or base is
@@ -36,9 +35,14 @@ def get_config(arg=None):
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train'
-  c.input.pp = presets.train_pp('davit')  # label smoothing 0.1 is folded into the one-hot labels
+  # dingmyu/davit sets timm's --train-interpolation to 'bicubic'
+  c.input.pp = ('decode_jpeg_and_random_resized_crop(224, method="bicubic")|flip_lr|'
+                'randaug_timm("rand-m9-mstd0.5-inc1", interpolation="bicubic")|normalize|'
+                + common.labels(1000, smoothing=0.1))  # timm folds the smoothing into the mixup targets alike
   c.input.batch_size = a.batch_size
-  c.evals = common.imagenet_evals(lambda key: presets.eval_pp('davit', label_key=key))
+  # the official evaluation: crop_pct 0.9 (timm's davit config says 0.95), the shorter side to floor(224 / 0.9)
+  c.evals = common.imagenet_evals('decode|resize_small(248, method="bicubic", antialias=True)|central_crop(224)|'
+                                  'normalize')
   del c.evals['minival']
   c.total_epochs = a.epochs + COOLDOWN_EPOCHS
   c.eval_every_epochs = 10.0

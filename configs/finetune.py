@@ -21,7 +21,6 @@ Train: inception crop (5-100% of the area) at `res`, flip; eval: resize to `res`
 Values in [-1, 1] for Mixer (Google's weights), ImageNet mean/std for ConvMixer and DaViT (timm's weights).
 """
 from configs import common
-from mixer_jax import models
 
 # name: (classes, train split, minival split, test split, steps, warmup steps, lr); vit_jax / big_vision transfer.
 PRESETS = {
@@ -31,17 +30,15 @@ PRESETS = {
     'oxford_iiit_pet': (37, 'train[:90%]', 'train[90%:]', 'test', 500, 100, 0.003),
     'oxford_flowers102': (102, 'train[:90%]', 'train[90%:]', 'test', 500, 100, 0.003),  # big_vision transfer
 }
-IMAGE_FOLDER = 'imagefolder:'
-_NORMALIZE = 'normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))'
 
 
 def preset(dataset: str, data_dir=None):
-  if dataset.startswith(IMAGE_FOLDER):
+  if dataset.startswith(common.IMAGE_FOLDER):
     from mixer_jax import data  # imports TensorFlow: only for image folders, whose classes are on disk
     return data.num_classes(dataset, data_dir), 'train', None, 'test', 500, 100, 0.003
   if dataset not in PRESETS:
     raise ValueError(f'no fine-tuning preset for {dataset!r}; choose one of {", ".join(PRESETS)} or '
-                     f'{IMAGE_FOLDER}<root>')
+                     f'{common.IMAGE_FOLDER}<root>')
   return PRESETS[dataset]
 
 
@@ -49,8 +46,8 @@ def get_config(arg=None):
   a = common.parse_arg(arg, model='mixer_b16', dataset='cifar10', res=224, batch_size=512, steps=0, lr=0.0,
                        init='', resize='blocks', keep_head=False)
   classes, train_split, minival_split, test_split, steps, warmup, lr = preset(a.dataset)
-  values = 'value_range(-1, 1)' if models.family(a.model) == 'mixer' else _NORMALIZE
-  labels = f'onehot({classes}, key="label", key_result="labels")|keep("image", "labels")'
+  values = 'value_range(-1, 1)' if common.family(a.model) == 'mixer' else 'normalize'
+  labels = common.labels(classes)
   eval_pp = f'decode|resize({a.res})|{values}|{labels}'
 
   c = common.base_config()

@@ -14,7 +14,6 @@ linear warmup 10k steps then linear decay to 1e-5 x lr, global-norm clip 1, sigm
 bias initialised to -6.9, inception crop + flip + RandAugment(2, 15), mixup 0.5, stochastic depth 0.1.
 """
 from configs import common
-from mixer_jax.data import presets
 
 
 def get_config(arg=None):
@@ -24,11 +23,11 @@ def get_config(arg=None):
   c.num_classes = 1000
   c.input.dataset = 'imagenet2012'
   c.input.split = 'train[:99%]'
-  c.input.pp = presets.train_pp('mixer')
+  c.input.pp = f'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, 15)|value_range(-1, 1)|{common.labels(1000)}'
   c.input.batch_size = a.batch_size
   c.input.shuffle_buffer = 250_000
   c.input.cache = 'raw'
-  c.evals = common.imagenet_evals(lambda key: presets.eval_pp('mixer', label_key=key))
+  c.evals = common.imagenet_evals('decode|resize_small(256)|central_crop(224)|value_range(-1, 1)')
   c.total_epochs = a.epochs
   c.log_every_steps = 50
   c.eval_every_steps = 2500

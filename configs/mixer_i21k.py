@@ -24,11 +24,11 @@ def get_config(arg=None):
   if not a.data:
     raise ValueError('give the ImageNet-21k image folder: configs/mixer_i21k.py:data=/path/to/imagenet21k')
   magnitude, mixup = AUGMENT.get(a.variant[0], AUGMENT['b'])
-  labels = f'onehot({a.num_classes}, key="label", key_result="labels")|keep("image", "labels")'
+  labels = common.labels(a.num_classes)
   c = common.base_config()
   c.model = common.model_config(f'mixer_{a.variant}', stoch_depth=0.1, dtype='bfloat16')
   c.num_classes = a.num_classes
-  c.input.dataset = f'imagefolder:{a.data}'
+  c.input.dataset = common.IMAGE_FOLDER + a.data
   c.input.split = 'train'
   c.input.pp = (f'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, {magnitude})|value_range(-1, 1)|'
                 + labels)

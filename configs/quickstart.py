@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.num_classes = 10
   c.input.dataset = 'fashion_mnist'
   c.input.batch_size = a.batch_size
-  pp = 'decode(channels=1)|value_range(-1, 1)|onehot(10)|keep("image", "labels")'
+  pp = f'decode(channels=1)|value_range(-1, 1)|{common.labels(10)}'
   c.input.pp = pp
   c.input.cache = 'decoded'  # the whole pp is deterministic: 60,000 x 28 x 28 float32 images, 190 MB of RAM
   c.evals.test = dict(split='test', pp=pp)

@@ -1,5 +1,7 @@
-"""Pre-processing ops, the pp parser, RandAugment and the per-family presets (mixer_jax.data.ops/randaug/presets)."""
+"""Pre-processing ops, the pp parser, RandAugment, eval.py's per-family presets and the recipes' strings
+(mixer_jax.data.ops/randaug/presets, configs/*_i1k.py)."""
 import contextlib
+import importlib
 
 import numpy as np
 import pytest
@@ -246,20 +248,21 @@ def test_randaug_op_is_stateless_and_runs_on_odd_sizes():
 
 
 @pytest.mark.parametrize('family', presets.FAMILIES)
-def test_presets_parse_and_give_model_inputs(family):
+def test_presets_and_recipe_strings_parse_and_give_model_inputs(family):
+  """eval.py's per-family eval pp, and the pre-training pp each family's recipe writes (configs/<family>_i1k.py)."""
   img = tf.io.encode_jpeg(photo(300, 400))
   label = tf.constant(7, tf.int64)
   ev = run(presets.eval_pp(family, num_classes=10), img, label=label)
-  tr = run(presets.train_pp(family, resolution=64, num_classes=10), img, label=label)
+  tr = run(importlib.import_module(f'configs.{family}_i1k').get_config().input.pp, img, label=label)
   assert sorted(ev) == sorted(tr) == ['image', 'labels']
-  assert ev['image'].shape == (224, 224, 3) and tr['image'].shape == (64, 64, 3)
+  assert ev['image'].shape == tr['image'].shape == (224, 224, 3)
   assert ev['image'].dtype == tr['image'].dtype == np.float32
   assert ev['labels'].argmax() == tr['labels'].argmax() == 7
   if family == 'mixer':
     assert -1 <= ev['image'].min() and ev['image'].max() <= 1
     assert ev['labels'].max() == 1
   else:
-    assert tr['labels'].max() == pytest.approx(0.91)  # smoothing 0.1 over 10 classes
+    assert tr['labels'].max() == pytest.approx(0.9001)  # smoothing 0.1 over 1000 classes
     assert -2.2 < ev['image'].min() < 0 < ev['image'].max() < 2.7  # ImageNet mean/std
   assert 'resize_small(256)' in presets.eval_pp('mixer')
   assert 'resize_small(233, method="bicubic"' in presets.eval_pp('convmixer')

@@ -174,7 +174,8 @@ def test_missing_tfds_datasets_fail_at_once_with_instructions(tmp_path):
 def test_tfds_paths_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=10):
     for dataset, split, pp in [
-        ('imagenet2012', 'train', presets.train_pp('mixer', resolution=32)),
+        ('imagenet2012', 'train', 'decode_jpeg_and_inception_crop(32)|flip_lr|randaug(2, 15)|value_range(-1, 1)|'
+                                  'onehot(1000)|keep("image", "labels")'),  # configs/mixer_i1k.py's at 32
         ('imagenet2012', 'validation', presets.eval_pp('mixer', resolution=32)),
         ('cifar10', 'test', 'decode|value_range(-1, 1)|onehot(10)|keep("image", "labels")')]:
       (batch,) = stream(dataset, 1, split=split, pp=pp, global_batch_size=4, data_dir=str(tmp_path))

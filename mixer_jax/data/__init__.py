@@ -4,7 +4,7 @@
   eval_iter(dataset, split, *, pp, global_batch_size, ...)   one padded pass per iter(), with a `mask`
   num_examples(dataset, split), num_classes(dataset)
   ops.parse(pp)              the pre-processing mini-language ("decode|resize_small(256)|central_crop(224)|...")
-  presets.eval_pp(family) / presets.train_pp(family)   the per-family pp strings of the recipes
+  presets.eval_pp(family)    the evaluation pp a family's checkpoints expect (eval.py); recipes write their own
 
 Datasets are named as in `sources` (a tfds name, `fashion_mnist`, or `imagefolder:<root>`); ordering, process
 slices, seeds, caching and padding are `pipeline`'s. The package yields host numpy arrays and never touches
