@@ -203,7 +203,7 @@ def check_arguments(fv) -> Plan:
 
 def evaluate_checkpoint(flag_values) -> dict:
   import jax
-  from mixer_jax import convert, data, models, sharding
+  from mixer_jax import convert, models, sharding
   from mixer_jax.convert import transfer
   from mixer_jax.data import presets
   from mixer_jax.evaluators import classification, fewshot
@@ -243,15 +243,17 @@ def evaluate_checkpoint(flag_values) -> dict:
 
   if model.in_channels != 3:  # e.g. the grayscale quickstart models
     pp = pp.replace('decode|', f'decode(channels={model.in_channels})|', 1)
-  stream = data.eval_iter(fv.dataset, fv.split, pp=pp, global_batch_size=fv.batch_size, data_dir=fv.data_dir)
-  check_examples(stream.dataset.element_spec, f'--pp={pp}' if fv.pp else f'the pre-processing {pp}', num_classes,
-                 (resolution, resolution, model.in_channels))
+  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables)
+  predict = lambda v, x: model.apply(v, x, train=False)
+  context = dict(variables_shardings=replicated, defaults=dict(dataset=fv.dataset, data_dir=fv.data_dir,
+                                                               batch_size=fv.batch_size, loss='softmax_xent'))
+  evaluator = classification.Evaluator(predict, mesh, split=fv.split, pp=pp, **context)
+  check_examples(evaluator.stream.dataset.element_spec, f'--pp={pp}' if fv.pp else f'the pre-processing {pp}',
+                 num_classes, (resolution, resolution, model.in_channels))
 
   # --- Evaluation ---------------------------------------------------------------------------------------------
-  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables)
   variables = jax.device_put(variables, replicated)
-  step = classification.make_step(lambda v, x: model.apply(v, x, train=False)[0], 'softmax_xent', mesh, replicated)
-  metrics = classification.evaluate(step, variables, stream, mesh)
+  metrics = dict(evaluator.run(variables))
   results = dict(checkpoint=fv.checkpoint, model=name, dataset=fv.dataset, split=fv.split, label_key=fv.label_key,
                  pp=pp, devices=mesh.devices.size, **metrics)
   for probe, (dataset, train_split, test_split) in probes.items():
@@ -259,7 +261,7 @@ def evaluate_checkpoint(flag_values) -> dict:
                batch_size=fv.batch_size, pp=fewshot_pp(family, resolution, model.in_channels),
                name=probe if probe in fewshot.BIG_VISION_DATASETS else None,  # None: named after the dataset
                shots=shots)
-    results.update(fewshot.evaluate(lambda v, x: model.apply(v, x, train=False), variables, mesh, cfg))
+    results.update(fewshot.Evaluator(predict, mesh, **context, **cfg).run(variables))
   if entry is not None:
     results.update(pretrained=fv.pretrained, expected_top1=entry.top1, expected_source=entry.source, note=entry.note)
     if entry.top1 is not None and fv.dataset == 'imagenet2012' and fv.split == 'validation':

@@ -19,6 +19,7 @@ from mixer_jax.convert import resize
 # (name, required): the durations of configs/common.py, each given as exactly one of _steps/_epochs/_examples.
 DURATIONS = (('total', True), ('log_every', True), ('checkpoint_every', True), ('eval_every', False))
 EVAL_TYPES = ('classification', 'fewshot')
+CLASSIFICATION_FIELDS = ('type', 'split', 'pp', 'dataset', 'data_dir', 'batch_size')  # evaluators/classification.py
 
 
 def _integer(v) -> bool:
@@ -138,6 +139,11 @@ def _check_evals(evals) -> None:
     if kind not in EVAL_TYPES:
       _refuse(f'evals.{name}.type', kind, f'one of {EVAL_TYPES}')
     if kind == 'classification':
+      unknown = sorted(set(cfg) - set(CLASSIFICATION_FIELDS))
+      if unknown:
+        hint = cli.did_you_mean(unknown[0], CLASSIFICATION_FIELDS)
+        raise ValueError(f'config.evals.{name}: unknown field(s) {", ".join(unknown)}{hint}; a classification '
+                         f'evaluation takes {", ".join(CLASSIFICATION_FIELDS)}')
       for key in ('split', 'pp'):
         if not isinstance(cfg.get(key), str):
           _refuse(f'evals.{name}.{key}', cfg.get(key), 'a string (the evaluation reads it)')

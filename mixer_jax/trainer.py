@@ -1,4 +1,4 @@
-"""Training: the train state, the jitted train and eval steps, and the loop, in the order things happen.
+"""Training: the train state, the jitted train step, and the loop, in the order things happen.
 
 The state is everything a run needs to continue (params, optimizer state, BatchNorm statistics, step, rng) and
 nothing else; the step's randomness is fold_in(rng, step) and the data stream a pure function of (seed, step),
@@ -6,7 +6,13 @@ so a run resumed from a checkpoint ends with exactly the parameters of an uninte
 
 Steps are `jax.jit` with explicit shardings over one ('data', 'fsdp', 'model') mesh and donated state. Metrics
 stay on device between log steps (no host sync per step); at a log step they are fetched, checked for non-finite
-values (the run stops naming the first bad step and quantity) and written.
+values (the run stops naming the first bad step and quantity) and written through one clu writer (logs,
+TensorBoard, metrics.jsonl). Evaluations are the `mixer_jax.evaluators` classes, one per `config.evals` entry.
+A fine-tuning run reads `config.init` at its first start only and records in config.json what it decided about
+the model.
+
+This module must not know evaluation kinds, checkpoint formats or pre-processing: evaluators/, checkpoint.py,
+convert/ and data/ own them.
 """
 import functools
 import json
@@ -27,9 +33,9 @@ import optax
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer_jax import checkpoint, cli, config_checks, data, losses, mixup, models, optim, sharding
+from mixer_jax import checkpoint, cli, config_checks, data, evaluators, losses, mixup, models, optim, sharding
 from mixer_jax.convert import transfer
-from mixer_jax.evaluators import classification, fewshot
+from mixer_jax.evaluators import classification
 
 
 @flax.struct.dataclass
@@ -53,6 +59,27 @@ def resolve_steps(config, name: str, *, num_examples: int | None, batch_size: in
       raise ValueError(f'{name}_epochs needs the size of the training split; give {name}_steps instead')
     value = value * num_examples
   return max(1, math.ceil(value / batch_size))
+
+
+class Durations(NamedTuple):
+  """The run's durations in steps (None: not set)."""
+  total: int
+  warmup: int | None
+  decay: int | None
+  log_every: int
+  checkpoint_every: int
+  eval_every: int | None
+  steps_per_epoch: float | None
+
+
+def durations(config, num_examples: int | None) -> Durations:
+  """Every duration of `config` in steps, for a training split of `num_examples`."""
+  batch_size = config.input.batch_size
+  steps = lambda cfg, name: resolve_steps(cfg, name, num_examples=num_examples, batch_size=batch_size)
+  return Durations(total=steps(config, 'total'), warmup=steps(config.schedule, 'warmup'),
+                   decay=steps(config.schedule, 'decay'), log_every=steps(config, 'log_every'),
+                   checkpoint_every=steps(config, 'checkpoint_every'), eval_every=steps(config, 'eval_every'),
+                   steps_per_epoch=num_examples / batch_size if num_examples else None)
 
 
 def model_options(config) -> dict:
@@ -111,14 +138,10 @@ def init_state(model, tx, config, rng, shardings) -> TrainState:
 
 
 def _forward(model, params, batch_stats, images, rng, train: bool):
-  """(logits, out, new batch_stats); batch_stats are updated only when training a BatchNorm model."""
-  variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
-  if train and batch_stats:
-    (logits, out), updated = model.apply(variables, images, train=True, rngs={'dropout': rng},
-                                         mutable=['batch_stats'])
-    return logits, out, updated['batch_stats']
-  logits, out = model.apply(variables, images, train=train, rngs={'dropout': rng} if train else None)
-  return logits, out, batch_stats
+  """(logits, out, new batch_stats): BatchNorm layers update them when training, other models keep them `{}`."""
+  (logits, out), updated = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=train,
+                                       rngs={'dropout': rng} if train else None, mutable=['batch_stats'])
+  return logits, out, updated['batch_stats']
 
 
 def make_train_step(model, tx, lr_fn, config, mesh, shardings):
@@ -175,15 +198,13 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def _infer(model, variables, images):
-  """(logits, out) in inference mode."""
+def predict(model, variables, images):
+  """(logits, out) in inference mode: the evaluators' `predict_fn` (mixer_jax/evaluators/__init__.py)."""
   return _forward(model, variables['params'], variables['batch_stats'], images, None, train=False)[:2]
 
 
-def make_eval_step(model, config, mesh, shardings):
-  """The classification evaluator's step for `model` over `mesh` (variables sharded like the train state)."""
-  return classification.make_step(lambda v, x: _infer(model, v, x)[0], config.loss, mesh,
-                                  {'params': shardings.params, 'batch_stats': shardings.batch_stats})
+def variables_shardings(shardings: TrainState) -> dict:
+  return {'params': shardings.params, 'batch_stats': shardings.batch_stats}
 
 
 class Run(NamedTuple):
@@ -192,29 +213,35 @@ class Run(NamedTuple):
   tx: optax.GradientTransformation
   shapes: TrainState  # ShapeDtypeStructs
   shardings: TrainState  # NamedShardings
-  pretrained: Any  # the `config.init` variables, adapted to the model (None: from scratch)
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Any  # jitted (variables, batch with mask) -> sums, see evaluators/classification.py
+  eval_step: Any  # the classification evaluator's jitted step (evaluators/classification.py), for aot and bench
+
+
+def load_init(config) -> tuple[Any, dict]:
+  """(variables, model overrides) of the `config.init` checkpoint, adapted to the fine-tuned model: the overrides
+  are the options the checkpoint decides (a Mixer's tokens_mlp_dim), see convert/transfer.py."""
+  variables, overrides, notes = transfer.pretrained(
+      config.init, config.model.name, model_options(config), image_size=config.model.image_size,
+      resize_method=config.init_resize)
+  for note in notes:
+    logging.info('init: %s', note)
+  return variables, overrides
 
 
 def build(config, mesh, *, total_steps: int, warmup_steps: int, decay_steps: int | None = None,
-          steps_per_epoch: float | None = None) -> Run:
-  """The model (shaped by `config.init` where a checkpoint decides it), optimizer, state layout and jitted steps
-  of `config` over `mesh`: what `train_and_evaluate` runs and `mixer_jax.aot` compiles for other hardware."""
-  pretrained, overrides = None, {}
-  if config.init:  # read even when resuming: it can fix the fine-tuned model's shape (a Mixer's token MLP)
-    pretrained, overrides, notes = transfer.pretrained(
-        config.init, config.model.name, model_options(config), image_size=config.model.image_size,
-        resize_method=config.init_resize)
-    for note in notes:
-      logging.info('init: %s', note)
-  model = build_model(config, platform=mesh.devices.flat[0].platform, **overrides)
+          steps_per_epoch: float | None = None, init_overrides: dict | None = None) -> Run:
+  """The model, optimizer, state layout and jitted steps of `config` over `mesh`: what `train_and_evaluate` runs
+  and `mixer_jax.aot` compiles for other hardware. `init_overrides` are the model options `config.init` decides
+  (`load_init`); None reads them from `config.init`."""
+  if config.init and init_overrides is None:
+    _, init_overrides = load_init(config)
+  model = build_model(config, platform=mesh.devices.flat[0].platform, **(init_overrides or {}))
   tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
                          warmup_steps=warmup_steps, decay_steps=decay_steps, steps_per_epoch=steps_per_epoch)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
-  return Run(model, tx, shapes, shardings, pretrained,
-             make_train_step(model, tx, lr_fn, config, mesh, shardings),
-             make_eval_step(model, config, mesh, shardings))
+  eval_step = classification.make_step(functools.partial(predict, model), config.loss, mesh,
+                                       variables_shardings(shardings))
+  return Run(model, tx, shapes, shardings, make_train_step(model, tx, lr_fn, config, mesh, shardings), eval_step)
 
 
 def preflight(config, mesh, shapes, shardings, total_steps: int) -> str:
@@ -286,35 +313,37 @@ def _memory_report(compiled) -> str:
   return '; '.join(parts)
 
 
-class _JsonlWriter:
-  """metrics.jsonl in the workdir: one JSON object per step written (process 0 only), as one run even after
-  restarts: `resume(step, ...)` first drops what the interrupted run logged after the checkpoint it resumes from."""
+class _JsonlWriter(metric_writers.MetricWriter):
+  """metrics.jsonl in the workdir, a clu MetricWriter of scalars: one JSON object per step written, as one run even
+  after restarts: opening it for a run that starts at `start_step` first drops what an interrupted run logged after
+  the checkpoint it resumes from. Keeps the rows of steps before `start_step`, and those at `start_step` the run will
+  not write again: its train row (logged before the save), and evaluations unless they repeat (a finished run
+  evaluates once more)."""
 
-  def __init__(self, path: str, enabled: bool):
-    self._path, self._file = path, None
-    self._enabled = enabled
-
-  def resume(self, step: int, *, evaluations_repeat: bool) -> None:
-    """Keeps the rows of steps before `step`, and those at `step` the resumed run will not write again: its train
-    row (logged before the save), and evaluations unless they repeat (a finished run evaluates once more)."""
-    if not self._enabled:
-      return
+  def __init__(self, path: str, *, start_step: int, evaluations_repeat: bool):
     rows = []
-    if os.path.exists(self._path):
-      with open(self._path) as f:
+    if os.path.exists(path):
+      with open(path) as f:
         rows = [(line, _row(line)) for line in f if line.strip()]
-    with open(self._path, 'w') as f:
-      f.writelines(line for line, row in rows if row and _kept(row, step, evaluations_repeat))
+    with open(path, 'w') as f:
+      f.writelines(line for line, row in rows if row and _kept(row, start_step, evaluations_repeat))
+    self._file = open(path, 'a')
 
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if self._enabled:
-      self._file = self._file or open(self._path, 'a')
-      self._file.write(json.dumps({'step': step, **metrics}) + '\n')
-      self._file.flush()
+  def write_scalars(self, step: int, scalars) -> None:
+    self._file.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._file.flush()  # a kill leaves at most the line being written torn
+
+  def _not_scalars(self, *args, **kwargs) -> None:
+    """metrics.jsonl holds scalars only: the TensorBoard writer beside it takes everything else."""
+
+  write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = _not_scalars
+  write_hparams = _not_scalars
+
+  def flush(self) -> None:
+    self._file.flush()
 
   def close(self) -> None:
-    if self._file:
-      self._file.close()
+    self._file.close()
 
 
 def _row(line: str) -> dict | None:
@@ -367,117 +396,131 @@ def _stop_trace(state, trace_dir: str) -> None:
                'perfetto_trace.json.gz)', os.path.join(trace_dir, 'plugins', 'profile'))
 
 
+def _saved_init_overrides(workdir: str) -> dict | None:
+  """The model options this run's first start resolved from `config.init` (config.json; None: not recorded)."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f).get('init_overrides')
+  except (OSError, ValueError, AttributeError):  # missing, torn, or not a JSON object
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
+def write_config(workdir: str, config, init_overrides: dict | None) -> None:
+  """config.json: the run's config and, for a fine-tuning run, `init_overrides`, the model options its `init`
+  checkpoint decided, which a resumed run builds its model with instead of reading the checkpoint again. Written
+  whole (then renamed): another process may be reading it."""
+  record = json.loads(config.to_json_best_effort())
+  if config.init:
+    record['init_overrides'] = init_overrides
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def evaluate(evals: dict, state: TrainState, step: int, writer) -> dict[str, float]:
+  """Runs every evaluator (mixer_jax/evaluators/__init__.py) on the state's variables and logs and writes each
+  one's metrics as `<name>/<metric>`; returns them all."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  written = {}
+  for name, evaluator in evals.items():
+    t0 = time.time()
+    metrics = dict(evaluator.run(variables))
+    logging.info('eval %s at step %d: %s (%.1fs)', name, step, evaluator.summary(metrics), time.time() - t0)
+    metrics = {f'{name}/{k}': v for k, v in metrics.items()}
+    writer.write_scalars(step, metrics)
+    written.update(metrics)
+  return written
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
-  # --- Config, logging -----------------------------------------------------------------------------------
+  # --- Config, workdir -----------------------------------------------------------------------------------
   config_checks.check(config)
   prepare_workdir(workdir)
   primary = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
-  jsonl = _JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), primary)
-  if primary:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # --- Mesh ----------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape, devices=devices)
   num_devices = mesh.devices.size
-  sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=config.accum_steps)
-
-  # --- Input pipeline ------------------------------------------------------------------------------------
-  train_examples = data.num_examples(config.input.dataset, config.input.split, data_dir=config.input.data_dir)
   batch_size = config.input.batch_size
-  durations = functools.partial(resolve_steps, config, num_examples=train_examples, batch_size=batch_size)
-  total_steps = durations('total')
-  log_every, checkpoint_every = durations('log_every'), durations('checkpoint_every')
-  eval_every = durations('eval_every')
-  warmup_steps = resolve_steps(config.schedule, 'warmup', num_examples=train_examples, batch_size=batch_size)
-  decay_steps = resolve_steps(config.schedule, 'decay', num_examples=train_examples, batch_size=batch_size)
-  traced = profile_steps(config, total_steps)
+  sharding.check_batch_size(batch_size, mesh, accum_steps=config.accum_steps)
 
-  # --- Model, optimizer, steps, state --------------------------------------------------------------------
-  run = build(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps, decay_steps=decay_steps,
-              steps_per_epoch=train_examples / batch_size if train_examples else None)
-  model, shapes, shardings = run.model, run.shapes, run.shardings
-  logging.info('pre-flight:\n%s', preflight(config, mesh, shapes, shardings, total_steps))
+  # --- Durations, in steps of the training split -------------------------------------------------------------
+  steps = durations(config, data.num_examples(config.input.dataset, config.input.split,
+                                              data_dir=config.input.data_dir))
+  traced = profile_steps(config, steps.total)
+
+  # --- Model, optimizer, train state ---------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_every_steps=config.checkpoint.keep_every_steps,
                                  async_save=config.checkpoint.async_save)
+  # A fine-tuning run reads config.init at its first start only; a resumed one builds the model with what that
+  # start recorded in config.json.
+  init_variables, init_overrides = None, None
+  if config.init and ckpt.latest_step() is not None:
+    init_overrides = _saved_init_overrides(workdir)
+  if config.init and init_overrides is None:
+    init_variables, init_overrides = load_init(config)
+  if primary:
+    write_config(workdir, config, init_overrides)
+  run = build(config, mesh, total_steps=steps.total, warmup_steps=steps.warmup, decay_steps=steps.decay,
+              steps_per_epoch=steps.steps_per_epoch, init_overrides=init_overrides or {})
+  shapes, shardings = run.shapes, run.shardings
+  logging.info('pre-flight:\n%s', preflight(config, mesh, shapes, shardings, steps.total))
   # The newest checkpoint that restores whole; damaged ones are moved aside (checkpoint.py).
   state = ckpt.restore_newest(checkpoint.abstract_like(shapes, shardings))
   if state is not None:
     logging.info('resumed from %s at step %d', ckpt.directory, int(state.step))
   else:
-    state = init_state(model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
-    if run.pretrained is not None:
-      # tiled allgather: with FSDP over several processes no process holds whole arrays
-      fresh = multihost_utils.process_allgather({'params': state.params, 'batch_stats': state.batch_stats},
-                                                tiled=True)
-      variables, report = transfer.merge(run.pretrained, fresh, keep_head=config.init_keep_head)
+    state = init_state(run.model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
+    if config.init:  # merged against the shapes: no process needs the fresh arrays (sharded, maybe elsewhere)
+      variables, report = transfer.merge(init_variables, {'params': shapes.params, 'batch_stats': shapes.batch_stats},
+                                         keep_head=config.init_keep_head)
       logging.info('init from %s: %s', config.init, report)
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)
-  jsonl.resume(start_step, evaluations_repeat=start_step >= total_steps)
   if primary:
     overview = parameter_overview.get_parameter_overview(shapes.params, include_stats=False)
     logging.info('parameters of %s:\n%s', config.model.name, overview)
 
+  # --- Metrics: logs on every process, TensorBoard and metrics.jsonl on process 0 ----------------------------
+  writers = [metric_writers.create_default_writer(workdir, just_logging=not primary)]
+  if primary:
+    writers.append(_JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), start_step=start_step,
+                                evaluations_repeat=start_step >= steps.total))
+  writer = metric_writers.MultiWriter(writers)
+
+  # --- Input ---------------------------------------------------------------------------------------------
   train_iter = data.train_iter(
       config.input.dataset, config.input.split, pp=config.input.pp, global_batch_size=batch_size,
       seed=config.seed, start_step=start_step, data_dir=config.input.data_dir,
       shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch,
       split_per_process=config.input.split_per_process)
 
-  # Evaluations: 'classification' (default) reads every example of a split once; 'fewshot' is big_vision's linear
-  # probe on pre_logits (its fields: evaluators/fewshot.py).
-  classification_evals, fewshot_evals = {}, {}
-  for name, cfg in config.evals.items():  # names and types checked by config_checks
-    if cfg.get('type', 'classification') == 'fewshot':
-      fewshot_evals[name] = {k: v for k, v in cfg.items() if k != 'type'}
-    else:
-      eval_batch = cfg.get('batch_size') or batch_size
-      sharding.check_batch_size(eval_batch, mesh, name=f'evals.{name}.batch_size')
-      classification_evals[name] = data.eval_iter(
-          cfg.get('dataset') or config.input.dataset, cfg.split, pp=cfg.pp, global_batch_size=eval_batch,
-          data_dir=cfg.get('data_dir') or config.input.data_dir)
-  forward = functools.partial(_infer, model)
-  final_metrics = {}
+  # --- Evaluators: config.evals, each with its own data and step ---------------------------------------------
+  evals = evaluators.from_config(
+      config.evals, functools.partial(predict, run.model), mesh, variables_shardings=variables_shardings(shardings),
+      defaults=dict(dataset=config.input.dataset, data_dir=config.input.data_dir, batch_size=batch_size,
+                    loss=config.loss))
 
-  def run_evals(step):
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    for name in config.evals:
-      t0 = time.time()
-      if name in fewshot_evals:
-        result = fewshot.evaluate(forward, variables, mesh, fewshot_evals[name])
-        logging.info('eval %s at step %d: %s (%.1fs)', name, step,
-                     ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('a/')), time.time() - t0)
-      else:
-        result = classification.evaluate(run.eval_step, variables, classification_evals[name], mesh)
-        logging.info('eval %s at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples, %.1fs)', name, step,
-                     result['top1'], result['top5'], result['loss'], result['count'], time.time() - t0)
-      metrics = {f'{name}/{k}': v for k, v in result.items()}
-      writer.write_scalars(step, metrics)
-      jsonl.write(step, metrics)
-      final_metrics.update(metrics)
-
-  # --- Compile the train step ----------------------------------------------------------------------------
-  preempted = checkpoint.Preemption()
-  if start_step < total_steps:
-    first = sharding.global_batch(next(train_iter), mesh)
+  # --- Compile the train step on the first batch -----------------------------------------------------------
+  preempted = checkpoint.Preemption()  # from here on, SIGTERM saves at the next step
+  if start_step < steps.total:
+    batch = sharding.global_batch(next(train_iter), mesh)
     t0 = time.time()
-    compiled = run.train_step.lower(state, first).compile()
+    compiled = run.train_step.lower(state, batch).compile()
     logging.info('compiled the train step in %.1fs; %s', time.time() - t0, _memory_report(compiled))
-    batches = ((step, first if step == start_step else sharding.global_batch(next(train_iter), mesh))
-               for step in range(start_step, total_steps))
-  else:
-    batches = iter(())
 
   # --- Train loop ----------------------------------------------------------------------------------------
   # Throughput windows run from one log step to the next, without compilation and evaluations.
-  history, last_log = [], (start_step, time.time())
+  history, last_log, last_metrics, stopped = [], (start_step, time.time()), {}, False
   tracing, trace_dir = False, os.path.join(workdir, 'profile', f'process_{jax.process_index()}')
-  for step, batch in batches:
+  for step in range(start_step, steps.total):
+    if step > start_step:  # the first step's batch is the one compiled on
+      batch = sharding.global_batch(next(train_iter), mesh)
     if traced and step == traced.start:
       jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
       tracing = True
@@ -488,42 +531,40 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       tracing = False
     history.append((step + 1, metrics))
     done = step + 1
-    if done % log_every == 0 or done == total_steps:
+    if done % steps.log_every == 0 or done == steps.total:
       history = jax.device_get(history)
       bad = _first_non_finite(history)
       if bad:
         raise FloatingPointError(f'training diverged: {bad}; lower lr, enable grad_clip_norm, or check the data')
       elapsed = time.time() - last_log[1]
       images_per_s = (done - last_log[0]) * batch_size / max(elapsed, 1e-9)
-      eta = (total_steps - done) * elapsed / max(done - last_log[0], 1)
+      eta = (steps.total - done) * elapsed / max(done - last_log[0], 1)
       scalars = {k: float(v) for k, v in history[-1][1].items()}
       scalars.update(images_per_s=images_per_s, images_per_s_per_device=images_per_s / num_devices)
       logging.info('step %d/%d loss %.4f acc %.3f lr %.3g | %.0f img/s, %.1f img/s/device | ETA %s', done,
-                   total_steps, scalars['loss'], scalars['accuracy'], scalars['lr'], images_per_s,
+                   steps.total, scalars['loss'], scalars['accuracy'], scalars['lr'], images_per_s,
                    images_per_s / num_devices, time.strftime('%H:%M:%S', time.gmtime(eta)))
-      writer.write_scalars(done, {f'train/{k}': v for k, v in scalars.items()})
-      jsonl.write(done, {f'train/{k}': v for k, v in scalars.items()})
-      final_metrics.update({f'train/{k}': v for k, v in scalars.items()})
+      scalars = {f'train/{k}': v for k, v in scalars.items()}
+      writer.write_scalars(done, scalars)
+      last_metrics.update(scalars)
       history, last_log = [], (done, time.time())
-    stop = preempted(done)
-    if done % checkpoint_every == 0 or done == total_steps or stop:
+    stopped = preempted(done)
+    if done % steps.checkpoint_every == 0 or done == steps.total or stopped:
       ckpt.save(done, state)
-    if stop:
+    if stopped:
       logging.info('preempted: saved step %d, exiting', done)
       break
-    if eval_every and done % eval_every == 0 and done < total_steps:
+    if steps.eval_every and done % steps.eval_every == 0 and done < steps.total:
       t0 = time.time()
-      run_evals(done)
+      last_metrics.update(evaluate(evals, state, done, writer))
       last_log = (last_log[0], last_log[1] + time.time() - t0)
-  else:
-    run_evals(int(state.step))
   if tracing:  # preempted inside the traced steps
     _stop_trace(state, trace_dir)
 
+  # --- Final evaluation (also when the run had already finished; a preempted run evaluates when it does) ------
+  if not stopped:
+    last_metrics.update(evaluate(evals, state, int(state.step), writer))
   ckpt.wait()
   ckpt.close()
-  writer.flush()
-  jsonl.close()
-  final_metrics['step'] = int(state.step)
-  final_metrics['preempted'] = int(state.step) < total_steps
-  return final_metrics
+  writer.close()
+  return {**last_metrics, 'step': int(state.step), 'preempted': int(state.step) < steps.total}

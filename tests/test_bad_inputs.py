@@ -144,6 +144,7 @@ def test_train_py_bad_input_is_one_line(args, fragment, tmp, monkeypatch):
     ({'test': dict(split='test', pp='', type='bogus')}, "config.evals.test.type = 'bogus'"),
     ({'test': dict(split='test', pp='', batch_size=0)}, 'config.evals.test.batch_size = 0'),
     ({'test': dict(pp='')}, 'config.evals.test.split = None: must be a string'),
+    ({'test': dict(splt='test', split='test', pp='')}, 'config.evals.test: unknown field(s) splt (did you mean split?)'),
     ({'train': dict(split='test', pp='')}, "config.evals.train: the name 'train' is reserved"),
 ])
 def test_evaluations_are_checked(evals, fragment):

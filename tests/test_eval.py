@@ -83,14 +83,14 @@ def test_real_labels_drop_unlabelled_images():
   # a "model" whose prediction for example i is class 3 for the first half and 4 for the rest
   predictions = np.array([3, 3, 3, 3, 4, 4, 4, 4])
   mesh = sharding.make_mesh((-1, 1, 1))
-  step = classification.make_step(lambda v, x: jax.nn.one_hot(v[x[:, 0, 0, 0].astype(int)], 5), 'softmax_xent',
-                                  mesh, sharding.replicated(mesh))
+  predict_fn = lambda v, x: (jax.nn.one_hot(v[x[:, 0, 0, 0].astype(int)], 5), {})
   pp = 'value_range(0, 255)|onehot(5, key="real_label", key_result="labels")|keep("image", "labels")'
   images[:, 0, 0, 0] = np.arange(len(sets))  # each image carries its index, so the "model" can look it up
   with tfds.testing.mock_data(num_examples=len(sets), as_dataset_fn=as_dataset):
-    stream = data.eval_iter('imagenet2012_real', 'validation', pp=pp, global_batch_size=8, process_index=0,
-                            process_count=1)
-    result = classification.evaluate(step, jax.device_put(predictions, sharding.replicated(mesh)), stream, mesh)
+    evaluator = classification.Evaluator(
+        predict_fn, mesh, variables_shardings=sharding.replicated(mesh), split='validation', pp=pp,
+        defaults=dict(dataset='imagenet2012_real', data_dir=None, batch_size=8, loss='softmax_xent'))
+    result = dict(evaluator.run(jax.device_put(predictions, sharding.replicated(mesh))))
   labelled = [s for s in sets if s]
   assert result['count'] == len(labelled) == 5
   correct = sum(p in s for p, s in zip(predictions, sets) if s)  # [3] yes, [1,3] yes, [0] no, [2,4] yes, [4] yes

@@ -118,7 +118,7 @@ def test_extract_counts_every_example_once_and_matches_the_model(folder, model_a
   mesh = sharding.make_mesh((-1, 1, 1))
   stream = data.eval_iter(folder, 'train', pp=PP, global_batch_size=8)
   assert stream.num_steps == 3  # 21 examples: the last batch holds 3 padding rows
-  x, y = fewshot.extract(apply_fn_of(model), variables, stream, mesh)
+  x, y = fewshot.extract(fewshot.make_step(apply_fn_of(model), mesh), variables, stream, mesh)
   assert x.shape == (3 * NUM_TRAIN, 16) and x.dtype == np.float32
   np.testing.assert_array_equal(np.bincount(y), [NUM_TRAIN] * 3)
   batches = list(stream)
@@ -132,7 +132,7 @@ def test_evaluate_end_to_end(folder, model_and_variables):
   model, variables = model_and_variables
   mesh = sharding.make_mesh((-1, 1, 1))
   cfg = dict(dataset=folder, pp=PP, batch_size=8, shots=(1, 5), seeds=2)
-  metrics = fewshot.evaluate(apply_fn_of(model), variables, mesh, cfg)
+  metrics = dict(fewshot.Evaluator(apply_fn_of(model), mesh, **cfg).run(variables))
   name = os.path.basename(folder)
   assert set(metrics) == {f'a/{name}_1shot', f'a/{name}_5shot', *(f'z/{name}_{k}shot_seed{s}'
                                                                     for k in (1, 5) for s in (0, 1))}

@@ -3,6 +3,7 @@ checkpoint), cross-mesh restore, gradient accumulation, learning (bad inputs: te
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def test_metrics_jsonl_resumes_as_one_run(tmp_path, resumed_at, evaluations_repe
   path = tmp_path / 'metrics.jsonl'
   rows = [(step, kind) for step in (2, 4, 6) for kind in ('train', 'test')]
   path.write_text(''.join(json.dumps({'step': s, f'{k}/loss': 1.0}) + '\n' for s, k in rows) + '{"step": 8, "tr')
-  trainer._JsonlWriter(str(path), True).resume(resumed_at, evaluations_repeat=evaluations_repeat)
+  trainer._JsonlWriter(str(path), start_step=resumed_at, evaluations_repeat=evaluations_repeat).close()
   left = [json.loads(line) for line in path.read_text().splitlines()]  # the torn last line is gone too
   assert [(r['step'], *(k.split('/')[0] for k in r if k != 'step')) for r in left] == kept
 
@@ -318,3 +319,31 @@ def test_commands_restart_under_tcmalloc():
   assert installed in maps() if installed else 'libtcmalloc' not in maps()
   assert 'libtcmalloc' not in maps(MIXER_JAX_MALLOC='system')
   assert 'libtcmalloc' not in maps('cli._TCMALLOC_GLOBS = (); ')  # as on a machine without it
+
+
+def test_resumed_fine_tuning_does_not_read_the_init_checkpoint(data_dir, tmp_path, monkeypatch):
+  """The first start resolves the model from config.init (a Mixer pre-trained at half the resolution: 4x as many
+  tokens, tokens_mlp_dim 8 -> 32) and records it in config.json; a resumed run builds the model from that record
+  without reading the checkpoint and ends bit-identical to the uninterrupted run."""
+  from mixer_jax.convert import npz, transfer
+  options = {k: v for k, v in TINY['mixer'].items() if k != 'name'}
+  source = models.create('mixer_s16', num_classes=5, in_channels=1, **{**options, 'image_size': 14})
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32),
+                        models.init_variables(source, jax.random.key(0))['params'])
+  npz.write(params, str(tmp_path / 'pre.npz'))
+  config = tiny_config(data_dir, 'mixer', total_steps=4, checkpoint_every_steps=2, init=str(tmp_path / 'pre.npz'),
+                       **{'checkpoint.keep': 3})
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  trainer.train_and_evaluate(config, str(straight), devices=jax.devices())
+  trainer.train_and_evaluate(config, str(resumed), devices=jax.devices())
+  assert json.load(open(resumed / 'config.json'))['init_overrides'] == {'tokens_mlp_dim': 32}
+  shutil.rmtree(resumed / 'checkpoints' / '4')
+
+  def unread(*args, **kwargs):
+    raise AssertionError('a resumed run read config.init')
+  monkeypatch.setattr(transfer, 'pretrained', unread)
+  metrics = trainer.train_and_evaluate(config, str(resumed), devices=jax.devices())
+  assert metrics['step'] == 4 and not metrics['preempted']
+  a, b = (_final_params(str(w), data_dir, 4, **{'model.tokens_mlp_dim': 32}) for w in (straight, resumed))
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))

@@ -7,10 +7,10 @@ paper's block-diagonal token-mixing expansion (`resize`, see convert/resize.py) 
 `tokens_mlp_dim` the fine-tuned model must be built with. ConvMixer and DaViT run at any resolution as they are.
 
 `merge(pretrained, fresh, keep_head=False)` then takes every pre-trained array whose name and shape match the
-freshly initialised model, except the classifier: as in vit_jax's fine-tuning, the head (`head/kernel`,
-`head/bias`) always starts at zeros, even when the checkpoint's has as many classes (an ImageNet-1k checkpoint
-fine-tuned on ImageNet-1k). `keep_head=True` keeps a head of the right size. Any other mismatch is an error listing
-them all.
+fine-tuned model (its arrays or just their shapes), except the classifier: as in vit_jax's fine-tuning, the head
+(`head/kernel`, `head/bias`) always starts at zeros, even when the checkpoint's has as many classes (an ImageNet-1k
+checkpoint fine-tuned on ImageNet-1k). `keep_head=True` keeps a head of the right size. Any other mismatch is an
+error listing them all.
 """
 import jax
 import numpy as np
@@ -49,7 +49,7 @@ def pretrained(path: str, name: str, options: dict, *, image_size, resize_method
 def merge(pretrained_variables, fresh_variables, *, keep_head: bool = False):
   """(variables, report) of the fine-tuned model: pre-trained arrays where names and shapes match, a zero head
   (the pre-trained one with `keep_head`, where it has the right size). Raises one ValueError for any other
-  mismatch."""
+  mismatch. `fresh_variables` gives names, shapes and dtypes only: arrays or ShapeDtypeStructs."""
   old = traverse_util.flatten_dict(pretrained_variables)
   new = traverse_util.flatten_dict(fresh_variables)
   merged, reinitialised, problems = {}, [], []
@@ -57,10 +57,10 @@ def merge(pretrained_variables, fresh_variables, *, keep_head: bool = False):
     source = old.get(path)
     fits = source is not None and np.shape(source) == np.shape(fresh)
     if path[:2] == HEAD and not (keep_head and fits):
-      merged[path] = np.zeros(np.shape(fresh), np.asarray(fresh).dtype)
+      merged[path] = np.zeros(np.shape(fresh), fresh.dtype)
       reinitialised.append('/'.join(path[1:]))
     elif fits:
-      merged[path] = np.asarray(source, np.asarray(fresh).dtype)
+      merged[path] = np.asarray(source, fresh.dtype)
     else:
       problems.append(f'{"/".join(path)} ' + ('missing' if source is None else
                                              f'{np.shape(source)} (expected {np.shape(fresh)})'))

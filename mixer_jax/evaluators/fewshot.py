@@ -3,9 +3,9 @@
 The Mixer paper's "linear 5-shot" accuracies (Fig. 3 right, Fig. 4) are this probe (big_vision's
 `evaluators/fewshot_lsr.py`, reference/recipes.md section 8):
 
-  1. Features: one pass over the whole train and test split through a jitted `apply_fn` whose outputs
+  1. Features: one pass over the whole train and test split through a jitted `predict_fn` whose outputs
      (`out[representation_layer]`, labels, mask) are replicated, i.e. all-gathered: every process ends with the
-     full [N, D] matrices on host, padding rows dropped. Done once per `evaluate` call; every shot count and seed
+     full [N, D] matrices on host, padding rows dropped. Done once per `Evaluator.run`; every shot count and seed
      reuses them. Rows follow the stream, whose order is fixed for a given process count: a run draws the same
      shot sets at every evaluation, but 1 and N processes draw different ones (per-seed numbers differ a little).
   2. Per seed s and shot count k: per class, a permutation of that class's train indices drawn from
@@ -21,15 +21,15 @@ The solve is numpy float64 on the host (big_vision jits it on the CPU backend in
 training for accelerator memory, and float64 keeps the eigenvalues of a rank-deficient Gram matrix (1-shot: rank
 <= the number of classes) accurate. The eigh of the min(N, D+1)-square Gram matrix dominates the cost: for
 25 shots x 100 classes at D = 2048 (a 2049-square eigh), ~10 s per solve measured on 2 busy CPU cores, less on a
-many-core host (12 solves per evaluation with the defaults). Every process computes the same metrics; the caller writes them from process 0.
+many-core host (12 solves per evaluation with the defaults). Every process computes the same metrics; the caller
+writes them from process 0.
 
 A class with fewer train examples than the largest shot count is a ValueError naming the class (big_vision
 assumes enough): a probe quietly computed on fewer shots would not be comparable with published numbers.
 
-This module owns feature extraction for the probe and the probe's math. It must not train, checkpoint or write
-metrics; it reads data only through `mixer_jax.data.eval_iter`.
+This module owns the probe's evaluator (its two data streams and jitted feature step), feature extraction and the
+probe's math. It must not train, checkpoint or write metrics; it reads data only through `mixer_jax.data.eval_iter`.
 """
-import functools
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -70,7 +70,8 @@ BIG_VISION_DATASETS = {
 STD_EPS = 1e-5
 BIAS = 100.0
 
-ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+# (variables, images) -> (logits, out), in inference mode
+PredictFn = Callable[[Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 
 
 # --- The probe's math (host numpy, float64) ---------------------------------------------------------------
@@ -169,36 +170,27 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, *, shots: Sequence[int] =
 
 # --- Features (devices -> host) ---------------------------------------------------------------------------
 
-def _make_gather_fn(apply_fn: ApplyFn, mesh, layer: str):
+def make_step(predict_fn: PredictFn, mesh, layer: str = DEFAULTS['representation_layer']):
+  """jit of (variables, batch) -> (features float32 [B, D], label, mask) of one global batch, replicated: GSPMD
+  all-gathers the batch, so every process can read all of it on host."""
   def gather(variables, batch):
-    _, out = apply_fn(variables, batch['image'])
+    _, out = predict_fn(variables, batch['image'])
     if layer not in out:
       raise ValueError(f'representation_layer {layer!r} is not among the model outputs {sorted(out)}')
     features = out[layer]
     return features.reshape(features.shape[0], -1).astype(jnp.float32), batch['label'], batch['mask']
-  # Replicated outputs: GSPMD all-gathers the batch, so every process can read the whole batch on host.
   return jax.jit(gather, out_shardings=sharding.replicated(mesh))
 
 
-_cached_gather_fn = functools.lru_cache(maxsize=16)(_make_gather_fn)
+def extract(step, variables, eval_iter, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(features float32 [N, D], labels int [N]) of every real example of one pass over `eval_iter` through `step`
+  (`make_step`).
 
-
-def extract(apply_fn: ApplyFn, variables, eval_iter, mesh, *,
-            layer: str = DEFAULTS['representation_layer']) -> tuple[np.ndarray, np.ndarray]:
-  """(features float32 [N, D], labels int [N]) of every real example of one pass over `eval_iter`.
-
-  `apply_fn(variables, images) -> (logits, out)` runs the model in inference mode (e.g.
-  `lambda v, x: model.apply(v, x, train=False)`); it is jitted here with `variables` as an argument (never baked
-  in as constants) and cached per (apply_fn, mesh, layer): pass the same function object on every call to reuse
-  the compiled executable. `variables` are what apply_fn expects, already placed on `mesh` (or host arrays,
-  which jit replicates). `eval_iter` yields this process's batches with `image`, an integer `label` and `mask`
+  `variables` are what the step's predict_fn expects, already placed on `mesh` (or host arrays, which jit
+  replicates). `eval_iter` yields this process's batches with `image`, an integer `label` and `mask`
   (`mixer_jax.data.eval_iter`); all processes must call this together. Rows come in stream order, padding
   (mask False) dropped; every process returns the same arrays.
   """
-  try:
-    fn = _cached_gather_fn(apply_fn, mesh, layer)
-  except TypeError:  # an unhashable apply_fn: compile for this call only
-    fn = _make_gather_fn(apply_fn, mesh, layer)
   features, labels = [], []
 
   def collect(outputs):
@@ -218,7 +210,7 @@ def extract(apply_fn: ApplyFn, variables, eval_iter, mesh, *,
                        'drop `onehot` from the pp')
     batch = sharding.global_batch(
         {'image': batch['image'], 'label': label.astype(np.int32), 'mask': batch['mask']}, mesh)
-    outputs = fn(variables, batch)
+    outputs = step(variables, batch)
     if pending is not None:  # fetch batch i-1 while batch i runs: the device never waits for the host
       collect(pending)
     pending = outputs
@@ -228,7 +220,7 @@ def extract(apply_fn: ApplyFn, variables, eval_iter, mesh, *,
   return np.concatenate(features), np.concatenate(labels)
 
 
-# --- Glue -------------------------------------------------------------------------------------------------
+# --- The evaluator ----------------------------------------------------------------------------------------
 
 def _default_name(dataset: str) -> str:
   """`cars196:2.1.0` -> `cars196`; `imagefolder:/data/flowers/` -> `flowers`."""
@@ -252,33 +244,47 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
   return cfg
 
 
-def evaluate(apply_fn: ApplyFn, variables, mesh, cfg: Mapping[str, Any]) -> dict[str, float]:
-  """Few-shot probe accuracies of the representation `apply_fn(variables, images)[1][representation_layer]`.
+class Evaluator:
+  """Few-shot probe accuracies of the representation `predict_fn(variables, images)[1][representation_layer]`.
 
-  cfg fields and defaults: see DEFAULTS (only `dataset` is required). Returns, with name = cfg.name,
-  `a/<name>_<k>shot`: the mean accuracy over seeds for every k in shots, and `z/<name>_<k>shot_seed<s>`: each
-  seed's (big_vision's `a/` and `z/` prefixes sort headline numbers first and details last in TensorBoard).
-  All processes must call it; all return the same metrics.
+  Fields and their defaults: DEFAULTS (only `dataset` is required). The probe's fields have their own defaults,
+  as big_vision's few-shot evaluator: neither `variables_shardings` (jit takes the variables as placed) nor the
+  run's `defaults` are used. `run` yields, with name = the `name` field, `a/<name>_<k>shot`: the mean accuracy
+  over seeds for every k in shots, then `z/<name>_<k>shot_seed<s>`: each seed's (big_vision's `a/` and `z/`
+  prefixes sort headline numbers first and details last in TensorBoard). All processes must call it; all get
+  the same metrics.
   """
-  cfg = resolve_config(cfg)
-  sharding.check_batch_size(cfg['batch_size'], mesh, name='few-shot batch_size')
-  t0 = time.time()
-  splits = []
-  for split in (cfg['train_split'], cfg['test_split']):
-    stream = data.eval_iter(cfg['dataset'], split, pp=cfg['pp'], global_batch_size=cfg['batch_size'],
-                            data_dir=cfg['data_dir'], cache=cfg['cache'])
-    x, y = extract(apply_fn, variables, stream, mesh, layer=cfg['representation_layer'])
-    if len(x) != stream.num_examples:  # the stream's padding contract, checked where it matters
-      raise RuntimeError(f'{cfg["dataset"]} {split!r}: extracted {len(x)} examples, expected {stream.num_examples}')
-    splits += [x, y]
-  t1 = time.time()
-  accuracy = fewshot_accuracy(*splits, shots=cfg['shots'], seeds=cfg['seeds'], l2_reg=cfg['l2_reg'])
-  name, metrics = cfg['name'], {}
-  for k, per_seed in accuracy.items():
-    metrics[f'a/{name}_{k}shot'] = float(np.mean(per_seed))
-  for k, per_seed in accuracy.items():
-    metrics.update({f'z/{name}_{k}shot_seed{s}': a for s, a in enumerate(per_seed)})
-  logging.info('few-shot %s: %s (features of %d + %d examples, dim %d, in %.1fs; probes in %.1fs)', name,
-               ', '.join(f'{k}-shot {metrics[f"a/{name}_{k}shot"]:.4f}' for k in accuracy), len(splits[0]),
-               len(splits[2]), splits[0].shape[1], t1 - t0, time.time() - t1)
-  return metrics
+
+  def __init__(self, predict_fn: PredictFn, mesh, *, variables_shardings=None, defaults=None, **cfg):
+    del variables_shardings, defaults
+    self.cfg = cfg = resolve_config(cfg)
+    sharding.check_batch_size(cfg['batch_size'], mesh, name='few-shot batch_size')
+    self.mesh = mesh
+    self.streams = [data.eval_iter(cfg['dataset'], split, pp=cfg['pp'], global_batch_size=cfg['batch_size'],
+                                   data_dir=cfg['data_dir'], cache=cfg['cache'])
+                    for split in (cfg['train_split'], cfg['test_split'])]
+    self.step = make_step(predict_fn, mesh, cfg['representation_layer'])
+
+  def run(self, variables):
+    cfg, t0 = self.cfg, time.time()
+    splits = []
+    for stream in self.streams:
+      x, y = extract(self.step, variables, stream, self.mesh)
+      if len(x) != stream.num_examples:  # the stream's padding contract, checked where it matters
+        raise RuntimeError(f'{cfg["dataset"]} {stream.split!r}: extracted {len(x)} examples, expected '
+                           f'{stream.num_examples}')
+      splits += [x, y]
+    t1 = time.time()
+    accuracy = fewshot_accuracy(*splits, shots=cfg['shots'], seeds=cfg['seeds'], l2_reg=cfg['l2_reg'])
+    name = cfg['name']
+    means = {f'a/{name}_{k}shot': float(np.mean(per_seed)) for k, per_seed in accuracy.items()}
+    logging.info('few-shot %s: %s (features of %d + %d examples, dim %d, in %.1fs; probes in %.1fs)', name,
+                 ', '.join(f'{k}-shot {means[f"a/{name}_{k}shot"]:.4f}' for k in accuracy), len(splits[0]),
+                 len(splits[2]), splits[0].shape[1], t1 - t0, time.time() - t1)
+    yield from means.items()
+    for k, per_seed in accuracy.items():
+      yield from ((f'z/{name}_{k}shot_seed{s}', a) for s, a in enumerate(per_seed))
+
+  @staticmethod
+  def summary(metrics: dict) -> str:
+    return ', '.join(f'{k} {v:.4f}' for k, v in metrics.items() if k.startswith('a/'))
