@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 
-.PHONY: bench quickstart test venv debian-packages
+.PHONY: bench quickstart test test-fast venv debian-packages
 
 venv: $(VENV)/.runtime
 
@@ -35,6 +35,10 @@ debian-packages:
 
 test: $(VENV)/.installed debian-packages
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The suite without the tests marked slow (pytest.ini): for the edit-test loop; `make test` stays the CI command.
+test-fast: $(VENV)/.installed debian-packages
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy.
 quickstart: $(VENV)/.runtime debian-packages

@@ -19,6 +19,7 @@ TINY = {  # widths divisible by the 4 tensor-parallel devices below
     'davit': dict(name='davit_tiny', dims=(32, 64), depths=(1, 1), num_heads=(1, 2), image_size=32),  # 2 stages
 }
 MESHES = {'data': (-1, 1, 1), 'fsdp': (1, -1, 1), 'tensor': (2, 1, 4)}
+RESOLVED = {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (2, 1, 4)}  # on the 8 cores of a v3-8
 BATCH = 64
 
 
@@ -42,13 +43,14 @@ def reports():
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', list(TINY))
 def test_every_family_compiles_on_every_mesh(reports, family):
   params = {mesh: reports(family, mesh) for mesh in MESHES}
   for mesh, report in params.items():
     train = report['train']
     assert report['device_kind'] == 'TPU v3' and report['devices'] == 8 and train['fits']
-    assert report['mesh'] == dict(zip(('data', 'fsdp', 'model'), aot.sharding.resolve_mesh_shape(MESHES[mesh], 8)))
+    assert report['mesh'] == dict(zip(('data', 'fsdp', 'model'), RESOLVED[mesh]))
     assert 0 < train['step_gib'] < 16 and train['xla_gflops_per_device'] > 0 and train['roofline']['step_ms'] > 0
   data, fsdp = params['data']['train']['collectives'], params['fsdp']['train']['collectives']
   # data parallel: the gradients are all-reduced (in bfloat16 at least: 2 bytes a parameter), nothing is gathered
@@ -58,6 +60,7 @@ def test_every_family_compiles_on_every_mesh(reports, family):
   assert fsdp['all-gather']['count'] >= 1 and fsdp['all-reduce']['count'] >= 1
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_an_eighth_of_the_state_per_device():
   """Parameters and Adam moments per device (the step's arguments less its batch): FSDP over 8 devices holds
   1/8 of what data parallelism does. (Tiny widths would not show it: TPU arrays are padded to tiles of 128.)"""
@@ -71,6 +74,7 @@ def test_fsdp_keeps_an_eighth_of_the_state_per_device():
   assert state['fsdp'] == pytest.approx(state['data'] / 8, rel=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,options,mode', [
     # the real widths at 224, one block: the analytic count leaves out norms and activations
     ('mixer_b16', dict(num_blocks=1), 'train'),
@@ -86,6 +90,7 @@ def test_analytic_flops_match_xla_tpu_within_10_percent(name, options, mode):
   assert step['analytic_gflops_per_image'] == pytest.approx(flops.flops_per_image(model, mode) / 1e9)
 
 
+@pytest.mark.slow
 def test_command_prints_the_report_and_writes_json(tmp_path, capsys):
   jsonl = tmp_path / 'compile.jsonl'
   bench.main(['compile', '--config=configs/quickstart.py', f'--topology={TOPOLOGY}', '--jsonl', str(jsonl),
@@ -106,6 +111,7 @@ def test_command_prints_the_report_and_writes_json(tmp_path, capsys):
   assert report['train']['aliased_gib'] > 0  # the state is donated
 
 
+@pytest.mark.slow
 def test_multi_slice_jobs_compile_over_every_slice():
   """config.mesh.dcn_shape: two v3-8 slices, the data axis across them (a hybrid ICI x DCN mesh)."""
   c = tiny_config('mixer', 'data')
@@ -115,6 +121,7 @@ def test_multi_slice_jobs_compile_over_every_slice():
   assert report['train']['fits'] and report['batch_per_device'] == BATCH / 16
 
 
+@pytest.mark.slow
 def test_a_config_that_does_not_fit_is_refused(tmp_path, capsys):
   jsonl = tmp_path / 'compile.jsonl'
   with pytest.raises(SystemExit) as exit:
@@ -191,6 +198,7 @@ def fake_gcloud(tmp_path):
   return env, log
 
 
+@pytest.mark.slow
 def test_pod_launcher_compiles_first_and_refuses_what_does_not_fit(fake_gcloud):
   env, log = fake_gcloud
   launch = lambda *args: subprocess.run(

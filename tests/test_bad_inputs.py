@@ -201,6 +201,7 @@ def _command(*args):
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args', [
     ('train.py', QUICK, '--workdir={tmp}/never_made', '--config.lrr=0.1'),
     ('-m', 'mixer_jax.bench', 'model', '--model', 'mixer_s32', '--batch', '0'),
@@ -211,6 +212,7 @@ def test_a_real_process_prints_one_error_line_and_exits_1(args, tmp):
   assert [line for line in run.stderr.splitlines() if 'error' in line.lower()] == [run.stderr.strip()], run.stderr
 
 
+@pytest.mark.slow
 def test_traceback_flag_shows_the_stack(tmp):
   run = _command('train.py', QUICK, f'--workdir={tmp}/tb', '--config.lr=-1', '--traceback')
   assert run.returncode == 1 and 'Traceback' in run.stderr and 'config.lr = -1.0' in run.stderr, run.stderr

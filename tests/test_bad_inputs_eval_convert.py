@@ -218,6 +218,7 @@ def test_eval_traceback_flag_shows_the_stack(root):
     eval_py.command(_eval_argv(root, ['--checkpoint={root}/text.pth', '--traceback']))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', [
     ['eval.py', '--checkpoint={root}/text.pth', '--model=mixer_s16'],
     ['-m', 'mixer_jax.convert', '--from=npz', '--to=orbax', '--model=mixer_s16', '{root}/array.npz', '{root}/new'],

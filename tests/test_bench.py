@@ -9,6 +9,7 @@ from mixer_jax import bench, flops, models
 TINY_MIXER = 'hidden_dim=32,num_blocks=2,tokens_mlp_dim=16,channels_mlp_dim=64'
 
 
+@pytest.mark.slow
 def test_model_benchmark_writes_a_table_and_json_lines(tmp_path, capsys):
   jsonl = tmp_path / 'bench.jsonl'
   bench.main(['model', '--model', 'mixer_s32', '--model_options', TINY_MIXER, '--res', '64', '--batch', '8',
@@ -76,6 +77,7 @@ def test_published_mac_counts():
     assert flops.macs_per_image(models.create(name, num_classes=1000)) / 1e9 == pytest.approx(gmacs, rel=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,options,mode', [
     # the real widths at 224, fewer blocks: XLA's count includes norms and activations that the analytic one skips.
     # Training steps and DaViT are checked against XLA:TPU, the target (tests/test_aot.py).

@@ -230,6 +230,7 @@ def test_keep_below_one_is_refused(tmp_path, options, message):
   assert '\n' not in str(error.value) and not os.path.exists(tmp_path / 'checkpoints')
 
 
+@pytest.mark.slow
 def test_checkpoint_benchmark(tmp_path, capsys):
   jsonl = tmp_path / 'bench.jsonl'
   bench.main(['checkpoint', '--model', 'mixer_s32', '--model_options', TINY_MIXER, '--batch', '8', '--every', '2',

@@ -24,7 +24,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('name,timm_arch,timm_kwargs,overrides,res', CASES, ids=[c[0] + ''.join(f'-{v}' for v in c[3].values()) for c in CASES])
+IDS = [c[0] + ''.join(f'-{v}' for v in c[3].values()) for c in CASES]
+# Each family keeps one case in make test-fast; the full-size ones (20-50 s each on 2 cores) run in make test.
+FAST = ('mixer_s32-gelu', 'convmixer_256_8', 'convmixer_256_8-conv', 'davit_tiny-conv')
+
+
+@pytest.mark.parametrize('name,timm_arch,timm_kwargs,overrides,res', [
+    pytest.param(*case, id=i, marks=() if i in FAST else pytest.mark.slow) for case, i in zip(CASES, IDS)])
 def test_logits_match_timm(name, timm_arch, timm_kwargs, overrides, res):
   timm_model = ref.create(timm_arch, calibration_size=res, **timm_kwargs)
   images = np.random.default_rng(1).standard_normal((2, res, res, 3)).astype(np.float32)

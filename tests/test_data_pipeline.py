@@ -235,6 +235,7 @@ def test_fashion_mnist_idx_reader_rejects_other_files(tmp_path):
 
 @pytest.mark.skipif(fashion_mnist.missing_files(DEBIAN_FASHION_MNIST) != [],
                     reason='apt-get install dataset-fashion-mnist')
+@pytest.mark.slow
 def test_fashion_mnist_from_the_debian_files(tmp_path):
   data_dir = str(tmp_path)
   assert data.num_examples('fashion_mnist', 'train', data_dir=data_dir) == 60_000

@@ -36,6 +36,7 @@ def _eval_py(*args):
   return subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_eval_py_accuracy_equals_a_direct_computation(tmp_path):
   root = _image_folder(tmp_path / 'photos', {'train': 6, 'test': 7})  # 21 test images: not a batch multiple
   model = models.create('mixer_s16', num_classes=3, image_size=32, **OPTIONS)
@@ -65,6 +66,7 @@ def test_eval_py_accuracy_equals_a_direct_computation(tmp_path):
   assert set(k for k in results if 'shot' in k) >= {f'a/photos_{k}shot' for k in (1, 5)}
 
 
+@pytest.mark.slow
 def test_eval_py_errors_are_one_line(tmp_path):
   run = _eval_py(f'--checkpoint={tmp_path / "missing.npz"}', '--model=mixer_b16')
   assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (

@@ -120,7 +120,7 @@ def _tiny(name, **overrides):
   return models.create(name, num_classes=5, **{**kwargs, **overrides})
 
 
-@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', 'davit_tiny'])
+@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', pytest.param('davit_tiny', marks=pytest.mark.slow)])
 def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
   f32 = _tiny(name)
   bf16 = _tiny(name, dtype='bfloat16')
@@ -285,8 +285,11 @@ def _train_loss_grads_stats(model, variables, images):
   return value, grads, updated
 
 
-@pytest.mark.parametrize('name,policy', [('mixer_s32', True), ('convmixer_256_8', True), ('davit_tiny', True),
-                                         ('mixer_s32', 'dots'), ('davit_tiny', 'dots_no_batch')])
+# DaViT's cases compile its training step twice (20-40 s each on 2 cores): make test only
+@pytest.mark.parametrize('name,policy', [('mixer_s32', True), ('convmixer_256_8', True),
+                                         pytest.param('davit_tiny', True, marks=pytest.mark.slow),
+                                         ('mixer_s32', 'dots'),
+                                         pytest.param('davit_tiny', 'dots_no_batch', marks=pytest.mark.slow)])
 def test_remat_changes_memory_not_results(name, policy):
   """Rematerialised blocks, whatever the policy, give the same parameter tree, logits and gradients (training
   mode, with BatchNorm updates and drop path)."""

@@ -18,6 +18,7 @@ from mixer_jax.data import fashion_mnist
 from test_train import TINY, _final_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # real processes: make test only
 
 
 @pytest.fixture(scope='module')

@@ -168,6 +168,7 @@ def _image_folder(root, classes=3, per_class=4):
   return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recipe,arg', [
     ('mixer_i1k', ''), ('mixer_i21k', 'data={folder},num_classes=3'), ('convmixer_i1k', 'variant=768_32'),
     ('davit_i1k', 'variant=small'), ('finetune', 'model=mixer_b16,dataset=cifar10,res=32'),

@@ -141,7 +141,6 @@ def test_expanded_tree_equals_a_fresh_model_at_the_new_size():
   new_params, tokens_mlp_dim = resize.resize_mixer(params, old_grid=4, new_grid=12, method='strided')
   fresh = models.abstract_variables(_mixer(96, tokens_mlp_dim=72)[0])['params']
   _assert_same_shapes(new_params, fresh)
-  assert models.count_params(new_params) == models.count_params(fresh)
   assert new_params['head'] is params['head'] and new_params['stem'] is params['stem']  # untouched
 
 

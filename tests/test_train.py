@@ -89,6 +89,7 @@ def assert_trees_close(a, b, atol):
     np.testing.assert_allclose(flat_a[key], flat_b[key], atol=atol, rtol=0, err_msg=str(key))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family,extra', [
     # Randomness (stochastic depth, mixup) must not depend on the mesh. SGD: Mixer's token_mixing/Dense_1/bias
     # has an exactly zero gradient (the next LayerNorm removes a per-token constant), and Adam would turn its
@@ -111,6 +112,7 @@ def test_same_run_on_every_mesh(data_dir, family, extra):
       assert kernel.sharding.spec[0] == 'fsdp' and kernel.addressable_shards[0].data.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_a_larger_batch(data_dir):
   config = tiny_config(data_dir, 'mixer')
   host_batches = batches(config, 2)
@@ -121,6 +123,7 @@ def test_gradient_accumulation_equals_a_larger_batch(data_dir):
   assert_trees_close(state.params, want.params, 1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_training_set(data_dir, tmp_path):
   """Also: `config.profile` traces exactly the steps it names, readable by TensorBoard and Perfetto."""
   config = tiny_config(data_dir, 'mixer', total_steps=120, log_every_steps=40, lr=0.01,
@@ -176,6 +179,7 @@ def _flip_bytes(step_dir):
     f.write(bytes(b ^ 0xFF for b in chunk))
 
 
+@pytest.mark.slow
 def test_resume_past_a_damaged_checkpoint_logs_each_step_once(data_dir, tmp_path):
   """A run whose newest checkpoint is corrupt resumes from the one before, ends bit-identical to the run that was
   never damaged, and metrics.jsonl reads as one run (what the first run logged after step 4 is not repeated)."""
@@ -265,6 +269,7 @@ def _final_params(workdir, data_dir, steps, **overrides):
   return state
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
   steps = 200
   straight = _train_py(tmp_path / 'straight', data_dir, steps,
@@ -321,6 +326,7 @@ def test_commands_restart_under_tcmalloc():
   assert 'libtcmalloc' not in maps('cli._TCMALLOC_GLOBS = (); ')  # as on a machine without it
 
 
+@pytest.mark.slow
 def test_resumed_fine_tuning_does_not_read_the_init_checkpoint(data_dir, tmp_path, monkeypatch):
   """The first start resolves the model from config.init (a Mixer pre-trained at half the resolution: 4x as many
   tokens, tokens_mlp_dim 8 -> 32) and records it in config.json; a resumed run builds the model from that record
