@@ -81,9 +81,10 @@ def input_throughput(pp: str = DEFAULT_PP, *, batch_size: int = 256, num_images:
                      warmup: int = 3, sizes=IMAGENET_SIZES, cache: str | None = None, workdir: str | None = None):
   """Images/s of `train_iter` with `pp` over synthetic JPEGs: {'images_per_s', 'per_core', 'cores', ...}."""
   from mixer_jax import data
+  from mixer_jax.data import sources
   with tempfile.TemporaryDirectory(dir=workdir) as root:
     write_image_folder(root, num_images, sizes=sizes)
-    it = data.train_iter(f'imagefolder:{root}', 'train', pp=pp, global_batch_size=batch_size, seed=0,
+    it = data.train_iter(sources.IMAGEFOLDER_PREFIX + root, 'train', pp=pp, global_batch_size=batch_size, seed=0,
                          process_index=0, process_count=1, cache=cache)
     for _ in range(warmup):  # tracing, thread pools, the first shuffle window, the page cache
       next(it)
