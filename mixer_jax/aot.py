@@ -254,7 +254,7 @@ def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
     report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh)),
                               analytic_flops_per_image=flops.flops_per_image(run.model, 'train'), **common)
   if 'eval' in steps:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = trainer.model_variables(state)
     report['eval'] = analyse(_compile(run.eval_step, variables,
                                       abstract_batch(run.model, config, mesh, eval_mask=True)),
                              analytic_flops_per_image=flops.flops_per_image(run.model, 'infer'), **common)

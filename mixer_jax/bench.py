@@ -266,7 +266,7 @@ def compile_step(name: str, *, mode: str = 'train', batch: int = 32, res: int | 
       current, metrics = compiled(current, data)  # the state is donated: feed each step the last one
       return metrics
   else:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = trainer.model_variables(state)
     data = dict(data, mask=sharding.global_batch({'mask': np.ones(batch, bool)}, mesh)['mask'])
     compiled = run.eval_step.lower(variables, data).compile()
     call = lambda: compiled(variables, data)

@@ -203,8 +203,9 @@ def predict(model, variables, images):
   return _forward(model, variables['params'], variables['batch_stats'], images, None, train=False)[:2]
 
 
-def variables_shardings(shardings: TrainState) -> dict:
-  return {'params': shardings.params, 'batch_stats': shardings.batch_stats}
+def model_variables(state: TrainState) -> dict:
+  """The model's variables of a train state (or of its shapes or shardings): what `model.apply` takes."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 class Run(NamedTuple):
@@ -240,7 +241,7 @@ def build(config, mesh, *, total_steps: int, warmup_steps: int, decay_steps: int
                          warmup_steps=warmup_steps, decay_steps=decay_steps, steps_per_epoch=steps_per_epoch)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
   eval_step = classification.make_step(functools.partial(predict, model), config.loss, mesh,
-                                       variables_shardings(shardings))
+                                       model_variables(shardings))
   return Run(model, tx, shapes, shardings, make_train_step(model, tx, lr_fn, config, mesh, shardings), eval_step)
 
 
@@ -422,7 +423,7 @@ def write_config(workdir: str, config, init_overrides: dict | None) -> None:
 def evaluate(evals: dict, state: TrainState, step: int, writer) -> dict[str, float]:
   """Runs every evaluator (mixer_jax/evaluators/__init__.py) on the state's variables and logs and writes each
   one's metrics as `<name>/<metric>`; returns them all."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = model_variables(state)
   written = {}
   for name, evaluator in evals.items():
     t0 = time.time()
@@ -476,7 +477,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   else:
     state = init_state(run.model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
     if config.init:  # merged against the shapes: no process needs the fresh arrays (sharded, maybe elsewhere)
-      variables, report = transfer.merge(init_variables, {'params': shapes.params, 'batch_stats': shapes.batch_stats},
+      variables, report = transfer.merge(init_variables, model_variables(shapes),
                                          keep_head=config.init_keep_head)
       logging.info('init from %s: %s', config.init, report)
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
@@ -502,7 +503,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
 
   # --- Evaluators: config.evals, each with its own data and step ---------------------------------------------
   evals = evaluators.from_config(
-      config.evals, functools.partial(predict, run.model), mesh, variables_shardings=variables_shardings(shardings),
+      config.evals, functools.partial(predict, run.model), mesh, variables_shardings=model_variables(shardings),
       defaults=dict(dataset=config.input.dataset, data_dir=config.input.data_dir, batch_size=batch_size,
                     loss=config.loss))
 
