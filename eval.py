@@ -204,14 +204,13 @@ def check_arguments(fv) -> Plan:
 def evaluate_checkpoint(flag_values) -> dict:
   import jax
   from mixer_jax import convert, models, sharding
-  from mixer_jax.convert import transfer
   from mixer_jax.data import presets
   from mixer_jax.evaluators import classification, fewshot
   fv = flag_values
   entry, name, options, given, mesh, source, probes, shots = check_arguments(fv)
 
   # --- The model ----------------------------------------------------------------------------------------------
-  architecture = {k: v for k, v in options.items() if k not in transfer.CHECKPOINT_OPTIONS}
+  architecture = {k: v for k, v in options.items() if k not in convert.CHECKPOINT_OPTIONS}
   variables = convert.load(fv.checkpoint, name, **architecture)
   fixed = convert.tree_options(name, variables['params'])
   for key in sorted(set(given) & set(fixed)):  # the checkpoint's head and token grid: allowed where they agree
@@ -224,6 +223,7 @@ def evaluate_checkpoint(flag_values) -> dict:
     raise ValueError(f'--resolution={resolution}: {name} from {fv.checkpoint} runs at {fixed["image_size"]}x'
                      f'{fixed["image_size"]} only; fine-tune it at another resolution with configs/finetune.py:res=...')
   model = models.create(name, **{**options, **fixed, 'image_size': resolution})
+  variables = models.stack_blocks(variables, model)  # a workdir's scan_blocks=True: its own layout
   num_classes = fixed['num_classes']
   if not num_classes:
     raise ValueError(f'{fv.checkpoint} has no classification head to evaluate: fine-tune it first '

@@ -40,7 +40,7 @@ def _durations(config: ConfigDict, name: str, **value):
 
 # The speed and memory switches of each family's models, declared in `config.model` so the command line can set
 # them: `--config.model.remat=full|dots|dots_no_batch` (models/layers.py REMAT_POLICIES), `scan_blocks=True` for the
-# families whose blocks are identical (convert/scan.py BLOCKS), `depthwise=conv|shift` for those with depthwise
+# families whose blocks are identical (models.SCANNED_BLOCKS), `depthwise=conv|shift` for those with depthwise
 # convolutions ('auto': the form for the hardware, layers.depthwise_impl). tests/test_recipes.py checks the table
 # against the registry (mixer_jax.models.options).
 MODEL_SWITCHES = {

@@ -33,8 +33,7 @@ import optax
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer_jax import checkpoint, cli, config_checks, data, evaluators, losses, mixup, models, optim, sharding
-from mixer_jax.convert import transfer
+from mixer_jax import checkpoint, cli, config_checks, convert, data, evaluators, losses, mixup, models, optim, sharding
 from mixer_jax.evaluators import classification
 
 
@@ -220,8 +219,8 @@ class Run(NamedTuple):
 
 def load_init(config) -> tuple[Any, dict]:
   """(variables, model overrides) of the `config.init` checkpoint, adapted to the fine-tuned model: the overrides
-  are the options the checkpoint decides (a Mixer's tokens_mlp_dim), see convert/transfer.py."""
-  variables, overrides, notes = transfer.pretrained(
+  are the options the checkpoint decides (a Mixer's tokens_mlp_dim), see `convert.load_for_finetuning`."""
+  variables, overrides, notes = convert.load_for_finetuning(
       config.init, config.model.name, model_options(config), image_size=config.model.image_size,
       resize_method=config.init_resize)
   for note in notes:
@@ -477,9 +476,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   else:
     state = init_state(run.model, run.tx, config, jax.random.PRNGKey(config.seed), shardings)
     if config.init:  # merged against the shapes: no process needs the fresh arrays (sharded, maybe elsewhere)
-      variables, report = transfer.merge(init_variables, model_variables(shapes),
-                                         keep_head=config.init_keep_head)
+      variables, report = convert.merge(init_variables, models.abstract_variables(models.per_block(run.model)),
+                                        keep_head=config.init_keep_head)
       logging.info('init from %s: %s', config.init, report)
+      variables = models.stack_blocks(variables, run.model)  # the state's own layout
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)

@@ -15,7 +15,7 @@ from timm.models.convmixer import ConvMixer as TimmConvMixer
 from timm.models.davit import DaVit as TimmDaVit
 from timm.models.mlp_mixer import MlpMixer as TimmMixer
 from mixer_jax import convert, models
-from mixer_jax.convert import files, npz, pretrained, transfer
+from mixer_jax.convert import files, npz, pretrained
 from mixer_jax.data import ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,11 +218,11 @@ def test_finetune_init_reinitialises_only_a_head_of_another_size(tmp_path):
   path = str(tmp_path / 'pre.npz')
   npz.write(variables['params'], path)
   options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
-  loaded, overrides, notes = transfer.pretrained(path, 'mixer_s16', options, image_size=32)
+  loaded, overrides, notes = convert.load_for_finetuning(path, 'mixer_s16', options, image_size=32)
   assert overrides == {'tokens_mlp_dim': 8} and notes == []
   target = _tiny_mixer(num_classes=3)
   fresh = models.init_variables(target, jax.random.key(5))
-  merged, report = transfer.merge(loaded, fresh)
+  merged, report = convert.merge(loaded, fresh)
   flat_merged, flat_source = traverse_util.flatten_dict(merged), traverse_util.flatten_dict(variables)
   for key, value in flat_merged.items():
     if key[1] == 'head':
@@ -239,10 +239,10 @@ def test_finetune_init_replaces_a_head_of_the_same_size_unless_kept(tmp_path, ke
   variables = _random_variables(_tiny_mixer())
   path = str(tmp_path / 'pre.npz')
   npz.write(variables['params'], path)
-  loaded, _, _ = transfer.pretrained(path, 'mixer_s16', {k: v for k, v in TINY_MIXER.items() if k != 'image_size'},
-                                     image_size=32)
-  merged, report = transfer.merge(loaded, models.init_variables(_tiny_mixer(), jax.random.key(5)),
-                                  keep_head=keep_head)
+  options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
+  loaded, _, _ = convert.load_for_finetuning(path, 'mixer_s16', options, image_size=32)
+  merged, report = convert.merge(loaded, models.init_variables(_tiny_mixer(), jax.random.key(5)),
+                                 keep_head=keep_head)
   head, source = merged['params']['head']['kernel'], variables['params']['head']['kernel']
   assert np.array_equal(head, source) if keep_head else not head.any()
   assert report.startswith(f'loaded {30 if keep_head else 28} arrays')
@@ -252,22 +252,22 @@ def test_finetune_init_at_twice_the_resolution_expands_token_mixing(tmp_path):
   path = str(tmp_path / 'pre.npz')
   npz.write(_random_variables(_tiny_mixer())['params'], path)
   options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
-  loaded, overrides, notes = transfer.pretrained(path, 'mixer_s16', options, image_size=64)
+  loaded, overrides, notes = convert.load_for_finetuning(path, 'mixer_s16', options, image_size=64)
   assert overrides == {'tokens_mlp_dim': 32} and '4x4 -> 8x8' in notes[0]
   target = _tiny_mixer(image_size=64, tokens_mlp_dim=32)
-  merged, _ = transfer.merge(loaded, models.init_variables(target, jax.random.key(0)))
+  merged, _ = convert.merge(loaded, models.init_variables(target, jax.random.key(0)))
   assert merged['params']['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape == (64, 32)
 
 
 def test_finetune_init_refuses_another_architecture(tmp_path):
   path = str(tmp_path / 'pre.npz')
   npz.write(_random_variables(_tiny_mixer())['params'], path)
-  loaded, _, _ = transfer.pretrained(path, 'mixer_s16', {k: v for k, v in TINY_MIXER.items()
-                                                         if k != 'image_size'}, image_size=32)
+  options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
+  loaded, _, _ = convert.load_for_finetuning(path, 'mixer_s16', options, image_size=32)
   wider = _tiny_mixer(hidden_dim=24)
   with pytest.raises(ValueError, match=r'does not fit the model: params/MixerBlock_0/LayerNorm_0/bias \(16,\) '
                                        r'\(expected \(24,\)\)'):
-    transfer.merge(loaded, models.abstract_variables(wider))
+    convert.merge(loaded, models.abstract_variables(wider))
 
 
 @pytest.mark.slow
@@ -294,32 +294,41 @@ def test_run_fine_tunes_from_an_orbax_workdir(tmp_path):
   assert metrics['step'] == 2 and metrics['test/count'] == 24
 
 
-def test_scanned_models_read_and_write_the_per_block_layout(tmp_path):
-  """scan_blocks=True: Google's .npz and timm files load stacked and give the per-block model's logits; exports
-  and fine-tuning initialisation go through the per-block layout."""
+def test_converters_see_the_per_block_layout_of_scanned_models(tmp_path):
+  """scan_blocks=True changes nothing a converter returns: Google's .npz, timm files and a scanned run's orbax
+  checkpoint all load per block, `models.stack_blocks` turns them into the scanned model's variables (the per-block
+  model's logits), exports of stacked variables hold the per-block layout, and the fine-tuning merge works per
+  block."""
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   mixer = _random_variables(_tiny_mixer())
   npz.write(mixer['params'], tmp_path / 'mixer.npz')
   options = {k: v for k, v in TINY_MIXER.items() if k != 'image_size'}
   loaded = convert.load(str(tmp_path / 'mixer.npz'), 'mixer_s16', scan_blocks=True, **options)
-  assert loaded['params']['MixerBlock']['LayerNorm_0']['scale'].shape == (2, 16)
-  np.testing.assert_allclose(_logits(_tiny_mixer(scan_blocks=True), loaded, images),
-                             _logits(_tiny_mixer(), mixer, images), rtol=1e-5, atol=1e-6)
-  convert.save(loaded, str(tmp_path / 'out.npz'), 'mixer_s16', 'npz')
+  _assert_trees_equal(loaded, mixer)
+  scanned = _tiny_mixer(scan_blocks=True)
+  stacked = models.stack_blocks(loaded, scanned)
+  assert stacked['params']['MixerBlock']['LayerNorm_0']['scale'].shape == (2, 16)
+  np.testing.assert_allclose(_logits(scanned, stacked, images), _logits(_tiny_mixer(), mixer, images),
+                             rtol=1e-5, atol=1e-6)
+  convert.save(stacked, str(tmp_path / 'out.npz'), 'mixer_s16', 'npz')
   _assert_trees_equal(npz.read(str(tmp_path / 'out.npz')), mixer['params'])
-  initial, _, _ = transfer.pretrained(str(tmp_path / 'mixer.npz'), 'mixer_s16', {**options, 'scan_blocks': True},
-                                      image_size=64)  # through the token-mixing resize
-  fresh = models.init_variables(_tiny_mixer(image_size=64, tokens_mlp_dim=32, scan_blocks=True), jax.random.key(0))
-  merged, _ = transfer.merge(initial, fresh)
-  assert merged['params']['MixerBlock']['token_mixing']['Dense_0']['kernel'].shape == (2, 64, 32)
+  files.write_orbax(stacked, str(tmp_path / 'run'))  # what a scanned training run's checkpoint holds
+  _assert_trees_equal(convert.load(str(tmp_path / 'run'), 'mixer_s16', **options), mixer)
+  initial, _, _ = convert.load_for_finetuning(str(tmp_path / 'mixer.npz'), 'mixer_s16',
+                                              {**options, 'scan_blocks': True}, image_size=64)  # resized
+  target = _tiny_mixer(image_size=64, tokens_mlp_dim=32, scan_blocks=True)
+  merged, _ = convert.merge(initial, models.abstract_variables(models.per_block(target)))
+  assert jax.tree.map(np.shape, models.stack_blocks(merged, target)) == jax.tree.map(
+      np.shape, models.abstract_variables(target))
 
   convmixer = models.create('convmixer_256_8', num_classes=5, dim=16, depth=3, kernel_size=3, image_size=32)
   variables = _random_variables(convmixer)
   convert.save(variables, str(tmp_path / 'convmixer.safetensors'), 'convmixer_256_8', 'timm')
   loaded = convert.load(str(tmp_path / 'convmixer.safetensors'), 'convmixer_256_8', dim=16, depth=3,
                         kernel_size=3, scan_blocks=True)
-  assert loaded['batch_stats']['ConvMixerBlock']['pointwise_norm']['var'].shape == (3, 16)
-  np.testing.assert_allclose(_logits(convmixer.clone(scan_blocks=True), loaded, images),
+  stacked = models.stack_blocks(loaded, convmixer.clone(scan_blocks=True))
+  assert stacked['batch_stats']['ConvMixerBlock']['pointwise_norm']['var'].shape == (3, 16)
+  np.testing.assert_allclose(_logits(convmixer.clone(scan_blocks=True), stacked, images),
                              _logits(convmixer, variables, images), rtol=1e-5, atol=1e-5)
 
 

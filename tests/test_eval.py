@@ -46,7 +46,9 @@ def test_eval_py_accuracy_equals_a_direct_computation(tmp_path):
   convert.save(variables, str(tmp_path / 'model.npz'), 'mixer_s16', 'npz')
   dataset = f'imagefolder:{root}'
   run = _eval_py(f'--checkpoint={tmp_path / "model.npz"}', '--model=mixer_s16',
-                 '--model_options=' + ','.join(f'{k}={v}' for k, v in OPTIONS.items()), f'--dataset={dataset}',
+                 # scanned blocks: the per-block file is stacked for the model, which computes what the plain one does
+                 '--model_options=scan_blocks=true,' + ','.join(f'{k}={v}' for k, v in OPTIONS.items()),
+                 f'--dataset={dataset}',
                  '--split=test', '--resolution=32', '--batch_size=8', '--fewshot=' + dataset, '--fewshot_shots=1,5',
                  f'--output={tmp_path / "r.json"}')
   assert run.returncode == 0, run.stderr

@@ -9,7 +9,6 @@ import flax.linen as nn
 from flax import traverse_util
 
 from mixer_jax import models
-from mixer_jax.convert import scan
 from mixer_jax.models import davit, layers
 
 # Published parameter counts with a 1000-class head at 224 (vit_jax's models_test.py, timm's model cards).
@@ -305,18 +304,19 @@ def test_remat_changes_memory_not_results(name, policy):
 
 @pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8'])
 def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
-  """scan_blocks=True (with and without remat) holds the per-block variables stacked (`convert.scan`) and gives
+  """scan_blocks=True (with and without remat) holds the per-block variables stacked (`models.stack_blocks`) and gives
   the same logits, gradients and BatchNorm updates in training mode; its logical axes gain 'layers'."""
   variables = _init(name)
-  stacked = scan.stack(variables, name)
-  _assert_same_arrays(scan.unstack(stacked, name), variables)
+  scanned = _tiny(name, scan_blocks=True)
+  stacked = models.stack_blocks(variables, scanned)
+  _assert_same_arrays(models.unstack_blocks(stacked, name), variables)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   loss, grads, stats = _train_loss_grads_stats(_tiny(name), variables, images)
-  want = loss, scan.stack({'params': grads}, name)['params'], scan.stack(stats, name)
+  want = loss, models.stack_blocks({'params': grads}, scanned)['params'], models.stack_blocks(stats, scanned)
   for remat in (False, True):
     model = _tiny(name, scan_blocks=True, remat=remat)
     assert jax.tree.map(jnp.shape, models.abstract_variables(model)) == jax.tree.map(jnp.shape, stacked)
-    block = scan.BLOCKS[models.family(name)]
+    block = models.SCANNED_BLOCKS[type(model)]
     assert all(spec[0] == 'layers' for spec in jax.tree.leaves(
         models.logical_axes(model)['params'][block], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     got = _train_loss_grads_stats(model, stacked, images)
@@ -330,8 +330,8 @@ def test_scanned_mixer_keeps_the_stochastic_depth_schedule():
   variables = models.init_variables(plain, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   want = _train_loss_grads_stats(plain, variables, images)
-  got = _train_loss_grads_stats(_tiny('mixer_s32', num_blocks=2, stoch_depth=1.0, scan_blocks=True),
-                                scan.stack(variables, 'mixer_s32'), images)
+  scanned = _tiny('mixer_s32', num_blocks=2, stoch_depth=1.0, scan_blocks=True)
+  got = _train_loss_grads_stats(scanned, models.stack_blocks(variables, scanned), images)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   assert not np.any(got[1]['MixerBlock']['channel_mixing']['Dense_0']['kernel'][1])  # dropped: no gradient
 

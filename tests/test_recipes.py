@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 import fake_data
 from configs import common
 from mixer_jax import models, trainer
-from mixer_jax.convert import scan
 from mixer_jax.data import ops, presets, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +50,7 @@ def test_model_switches_are_the_registry_s():
     family = models.family(name)
     assert common.family(name) == family
     switches = {'remat': 'none'}  # every family: the options and their off/auto values models.create takes
-    if family in scan.BLOCKS:
+    if models.variant(name).module in models.SCANNED_BLOCKS:
       switches['scan_blocks'] = False
     if 'depthwise' in models.options(name):
       switches['depthwise'] = 'auto'

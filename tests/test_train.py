@@ -330,8 +330,10 @@ def test_commands_restart_under_tcmalloc():
 def test_resumed_fine_tuning_does_not_read_the_init_checkpoint(data_dir, tmp_path, monkeypatch):
   """The first start resolves the model from config.init (a Mixer pre-trained at half the resolution: 4x as many
   tokens, tokens_mlp_dim 8 -> 32) and records it in config.json; a resumed run builds the model from that record
-  without reading the checkpoint and ends bit-identical to the uninterrupted run."""
-  from mixer_jax.convert import npz, transfer
+  without reading the checkpoint and ends bit-identical to the uninterrupted run. The model scans its blocks: the
+  per-block checkpoint is stacked into the train state, and the workdir reads back per block."""
+  from mixer_jax import convert
+  from mixer_jax.convert import npz
   options = {k: v for k, v in TINY['mixer'].items() if k != 'name'}
   source = models.create('mixer_s16', num_classes=5, in_channels=1, **{**options, 'image_size': 14})
   rng = np.random.default_rng(0)
@@ -339,7 +341,7 @@ def test_resumed_fine_tuning_does_not_read_the_init_checkpoint(data_dir, tmp_pat
                         models.init_variables(source, jax.random.key(0))['params'])
   npz.write(params, str(tmp_path / 'pre.npz'))
   config = tiny_config(data_dir, 'mixer', total_steps=4, checkpoint_every_steps=2, init=str(tmp_path / 'pre.npz'),
-                       **{'checkpoint.keep': 3})
+                       **{'checkpoint.keep': 3, 'model.scan_blocks': True})
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
   trainer.train_and_evaluate(config, str(straight), devices=jax.devices())
   trainer.train_and_evaluate(config, str(resumed), devices=jax.devices())
@@ -348,8 +350,13 @@ def test_resumed_fine_tuning_does_not_read_the_init_checkpoint(data_dir, tmp_pat
 
   def unread(*args, **kwargs):
     raise AssertionError('a resumed run read config.init')
-  monkeypatch.setattr(transfer, 'pretrained', unread)
+  monkeypatch.setattr(convert, 'load_for_finetuning', unread)
   metrics = trainer.train_and_evaluate(config, str(resumed), devices=jax.devices())
   assert metrics['step'] == 4 and not metrics['preempted']
-  a, b = (_final_params(str(w), data_dir, 4, **{'model.tokens_mlp_dim': 32}) for w in (straight, resumed))
+  a, b = (_final_params(str(w), data_dir, 4, **{'model.tokens_mlp_dim': 32, 'model.scan_blocks': True})
+          for w in (straight, resumed))
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  assert a.params['MixerBlock']['token_mixing']['Dense_0']['kernel'].shape == (2, 16, 32)
+  architecture = {k: v for k, v in options.items() if k not in convert.CHECKPOINT_OPTIONS}
+  per_block = convert.load(str(straight), 'mixer_s16', in_channels=1, **architecture)
+  assert jax.tree.all(jax.tree.map(np.array_equal, per_block, models.unstack_blocks({'params': a.params}, 'mixer_s16')))

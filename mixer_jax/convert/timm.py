@@ -4,8 +4,8 @@ DaViT key layouts, mapped to timm's first by `timm_layout`).
 A flax variable path maps to a timm key by a per-family list of regex rewrites of its module path (applied in
 order, like timm's own `checkpoint_filter_fn`), plus the leaf name (kernel/scale -> weight, mean/var ->
 running_mean/running_var). Layouts follow the leaf: 4-D kernels are OIHW <-> HWIO, 2-D kernels are transposed,
-everything else is copied. Names and shapes are checked against a freshly built model (`jax.eval_shape`, nothing
-allocated) and every problem is reported in one error.
+everything else is copied. `convert.from_timm` fits a state dict onto a model with these (`convert.fit`: names
+and shapes checked, every problem in one error); `to_timm` writes one.
 
 timm's Mixer weights were trained with the exact GELU: build the model with `act='gelu'` to use them.
 PyTorch's BatchNorm `num_batches_tracked` counter has no flax counterpart (it only matters for cumulative-average
@@ -20,7 +20,6 @@ import jax
 from flax import traverse_util
 
 from mixer_jax import models
-from mixer_jax.convert import fit
 
 _RULES = {
     'mixer': [
@@ -76,19 +75,24 @@ def _to_torch_layout(x: np.ndarray, leaf: str) -> np.ndarray:
   return x.T if leaf == 'kernel' and x.ndim == 2 else x
 
 
-def _to_flax_layout(x: np.ndarray, leaf: str) -> np.ndarray:
+def to_flax_layout(x: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == 'kernel' and x.ndim == 4:
     return x.transpose(2, 3, 1, 0)
   return x.T if leaf == 'kernel' and x.ndim == 2 else x
 
 
-def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   return _to_torch_layout(np.empty(shape, np.bool_), leaf).shape
+
+
+def ignored(key: str) -> bool:
+  """State-dict entries with no flax counterpart, skipped on the way in."""
+  return key.endswith(_IGNORED_SUFFIX)
 
 
 def checkpoint_options(family: str, state_dict: Mapping[str, Any], patch_size: int | None = None) -> dict:
   """Model options the weights themselves fix: the head's classes (0: no head) and a Mixer's token MLP width
-  and square grid of tokens (as image_size at `patch_size`, default the stem's: see `fit.patch_size`)."""
+  and square grid of tokens (as image_size at `patch_size`, default the stem's: see `convert.patch_size`)."""
   head = 'head.fc.bias' if family == 'davit' else 'head.bias'
   options = {'num_classes': int(np.shape(state_dict[head])[0]) if head in state_dict else 0}
   if family == 'mixer' and 'blocks.0.mlp_tokens.fc1.weight' in state_dict:
@@ -135,23 +139,6 @@ def timm_layout(family: str, state_dict: Mapping[str, Any]) -> dict:
       out[key] = value
     return out
   return dict(state_dict)
-
-
-def from_timm(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
-  """timm state dict (numpy arrays or torch tensors) -> variables {'params': ..., ['batch_stats': ...]}.
-
-  `overrides` are options of the model the weights must fit (`image_size`, `num_classes`, ...); by default the
-  number of classes is the state dict's head and a Mixer's image size its token grid. Raises one ValueError
-  listing every missing, unexpected and mis-shaped key.
-  """
-  family = models.family(name)
-  patch = fit.patch_size(name, overrides) if family == 'mixer' else None
-  options = {**checkpoint_options(family, state_dict, patch), **overrides}
-  model = models.create(name, **options)
-  return fit.fit(name, model, state_dict, key_of=lambda path: timm_key(family, path),
-                 to_flax=lambda x, path: _to_flax_layout(x, path[-1]),
-                 shown_shape=lambda shape, path: _torch_shape(shape, path[-1]),
-                 ignored=lambda key: key.endswith(_IGNORED_SUFFIX), what='state dict')
 
 
 def to_timm(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:

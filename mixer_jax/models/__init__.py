@@ -5,12 +5,17 @@ fields (`image_size`, `dtype`, `act`, `stoch_depth` / `drop_path_rate`, ...). Ch
 (`depthwise`) left unset or 'auto' are made for `platform`, the one the model is compiled for (default: JAX's
 default backend; a TPU program compiled on a CPU machine passes 'tpu'). Configs, converters and benchmarks
 refer to models by these names.
+
+`scan_blocks=True` changes the variables' layout (`SCANNED_BLOCKS`); `stack_blocks` / `unstack_blocks` are the one
+place that layout is converted, so everything outside a train state sees the published per-block variables.
 """
 import dataclasses
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from mixer_jax.models.convmixer import ConvMixer
@@ -64,6 +69,13 @@ VARIANTS: dict[str, Variant] = {
     'davit_huge': Variant(DaViT, _davit((256, 512, 1024, 2048), (1, 1, 9, 1)), 'davit_huge'),
     'davit_giant': Variant(DaViT, _davit((384, 768, 1536, 3072), (1, 1, 12, 3)), 'davit_giant'),
 }
+
+
+# The modules whose identical blocks `scan_blocks=True` runs as one nn.scan (layers.scan_blocks), and the name the
+# blocks' stacked variables take (leading axis = block). Checkpoints, converters and the fine-tuning merge only
+# ever see the published per-block layout (`{block}_0` ... `{block}_{L-1}`): the stacked one lives in a train
+# state, entered through `stack_blocks` and left through `unstack_blocks`.
+SCANNED_BLOCKS = {MlpMixer: 'MixerBlock', ConvMixer: 'ConvMixerBlock'}
 
 
 def names() -> list[str]:
@@ -128,6 +140,47 @@ def logical_axes(model: nn.Module):
   Leaves without names (BatchNorm running statistics) get an empty spec, i.e. replicated.
   """
   return nn.get_partition_spec(jax.eval_shape(lambda rng: init_boxed(model, rng), jax.random.key(0)))
+
+
+def per_block(model: nn.Module) -> nn.Module:
+  """`model` with the published per-block variables: the same module without `scan_blocks`."""
+  return model.clone(scan_blocks=False) if getattr(model, 'scan_blocks', False) else model
+
+
+def _numbered(collection: dict, block: str) -> list[str]:
+  keys = [k for k in collection if re.fullmatch(rf'{block}_\d+', k)]
+  return sorted(keys, key=lambda k: int(k.rsplit('_', 1)[1]))
+
+
+def stack_blocks(variables: dict, model: nn.Module) -> dict:
+  """Per-block variables -> `model`'s own layout: each collection's `{block}_{i}` stacked into `{block}` (axis 0
+  = i) when it scans its blocks; as they are otherwise."""
+  if not getattr(model, 'scan_blocks', False):
+    return variables
+  block = SCANNED_BLOCKS[type(model)]
+  out = {}
+  for collection, tree in variables.items():
+    keys = _numbered(tree, block)
+    if keys != [f'{block}_{i}' for i in range(len(keys))]:
+      raise ValueError(f'{collection}: blocks {", ".join(keys)} are not {block}_0 ... {block}_{len(keys) - 1}')
+    rest = {k: v for k, v in tree.items() if k not in keys}
+    if keys:
+      rest[block] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *(tree[k] for k in keys))
+    out[collection] = rest
+  return out
+
+
+def unstack_blocks(variables: dict, name: str) -> dict:
+  """Variables of model `name` in either layout -> the per-block one (numpy where blocks were split)."""
+  block = SCANNED_BLOCKS.get(variant(name).module)
+  out = {}
+  for collection, tree in variables.items():
+    out[collection] = tree = dict(tree)
+    if block in tree:
+      stacked = tree.pop(block)
+      for i in range(np.shape(jax.tree.leaves(stacked)[0])[0]):
+        tree[f'{block}_{i}'] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
+  return out
 
 
 def count_params(params) -> int:

@@ -55,7 +55,7 @@ class ConvMixer(nn.Module):
   bn_group_size: int | None = None
   depthwise: str = 'conv'  # depthwise convolution form, see layers.DepthwiseConv ('auto' in models.create)
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
-  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked, see convert.scan
+  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; variables stacked (SCANNED_BLOCKS)
   image_size: Any = 224  # the default input size (for init and benchmarks); any size >= the patch works
   in_channels: int = 3
   dtype: Any = jnp.float32

@@ -261,8 +261,8 @@ def scan_blocks(block: nn.Module, x: jax.Array, train: bool, depth: int, *per_bl
 
   XLA compiles the block once instead of `depth` times (the compile time of deep models). Each variable of
   the block gets a leading axis of size `depth` (logical name 'layers', replicated by the sharding rules);
-  `mixer_jax.convert.scan` moves between this layout and the published per-block one. Each block draws its own
-  parameter-init and dropout RNGs.
+  `models.stack_blocks` / `unstack_blocks` move between this layout and the published per-block one. Each block
+  draws its own parameter-init and dropout RNGs.
   """
   def body(block, carry, xs):
     return block(carry, train, *xs), None

@@ -64,7 +64,7 @@ class MlpMixer(nn.Module):
   act: str = 'gelu_tanh'
   stoch_depth: float = 0.0
   remat: bool | str = False  # recompute block activations in the backward pass: True or a layers.REMAT_POLICIES name
-  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; parameters stacked, see convert.scan
+  scan_blocks: bool = False  # one nn.scan over the blocks: compiles one block; parameters stacked (SCANNED_BLOCKS)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
