@@ -14,7 +14,7 @@ pre-processing strings itself. Loading one imports neither TensorFlow nor JAX, t
 import ast
 
 from ml_collections import ConfigDict
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 # Logical parameter axes (mixer_jax/models/layers.py) -> mesh axes ('data', 'fsdp', 'model'). A parameter
 # dimension is sharded over the mesh axes of its logical name when its size divides; otherwise it is
@@ -63,11 +63,15 @@ def model_config(name: str, **options) -> dict:
   return dict(name=name, **MODEL_SWITCHES.get(family(name), {}), **options)
 
 
-def labels(num_classes: int, key: str = 'label', smoothing: float = 0.0) -> str:
+def labels(num_classes: int | FieldReference, key: str = 'label', smoothing: float = 0.0) -> str | FieldReference:
   """The pp tail of every recipe: `labels`, the one-hot of the `key` feature (ImageNet-ReaL's multi-hot labels are
-  `real_label`) with label smoothing folded in, and only the image and labels kept."""
+  `real_label`) with label smoothing folded in, and only the image and labels kept. Given the reference of a
+  config's `num_classes` (`config.get_ref('num_classes')`), the tail is a reference too, whose text follows the
+  field: for a count only the dataset knows, which the trainer fills in (`num_classes` None).
+  """
   smooth = f', label_smoothing={smoothing}' if smoothing else ''
-  return f'onehot({num_classes}, key="{key}", key_result="labels"{smooth})|keep("image", "labels")'
+  depth = num_classes.to_str() if isinstance(num_classes, FieldReference) else str(num_classes)
+  return 'onehot(' + depth + f', key="{key}", key_result="labels"{smooth})|keep("image", "labels")'
 
 
 def base_config() -> ConfigDict:
@@ -76,7 +80,8 @@ def base_config() -> ConfigDict:
 
   # Model: `name` is a mixer_jax.models name; every other field is passed to models.create as an option.
   c.model = ConfigDict(dict(name='mixer_s32', dtype='float32'))
-  c.num_classes = 1000
+  c.num_classes = placeholder(int)
+  c.num_classes = 1000  # None: the training dataset's label classes, counted when the run starts (image folders)
   # A checkpoint to fine-tune from ('' trains from scratch): Google .npz, timm .safetensors/.pth, or an orbax
   # workdir. Its head is replaced by a zero head, as vit_jax does, unless init_keep_head (then only a head with
   # another number of classes starts at zero). A Mixer at another resolution gets the paper's token-mixing

@@ -5,7 +5,8 @@ Command:  python train.py --config=configs/finetune.py:model=mixer_b16,dataset=c
           ...:model=mixer_b16,res=448,init=Mixer-B_16.npz   (the paper's block-diagonal token-MLP expansion;
               resize=strided for sub-grid groups, resize=interpolate for a non-paper resampling)
           ...:model=davit_tiny,dataset=oxford_iiit_pet,res=384
-          ...:model=convmixer_768_32,dataset=imagefolder:/data/my_photos   (root/{train,test}/<class>/*.jpg)
+          ...:model=convmixer_768_32,dataset=imagefolder:/data/my_photos   (root/{train,test}/<class>/*.jpg;
+              num_classes None: the class folders, counted by the trainer when the run starts)
 Hardware: vit_jax's numbers come from 8 V100s (batch 512); on fewer or smaller devices keep batch 512 with
           --config.accum_steps (BatchNorm models: statistics are then per micro-batch) or lower lr with the batch.
 Expected: Mixer-B/16 pre-trained on ImageNet-21k reaches 96.82% on CIFAR-10 at 224 (vit_jax README, 10k steps);
@@ -32,10 +33,9 @@ PRESETS = {
 }
 
 
-def preset(dataset: str, data_dir=None):
-  if dataset.startswith(common.IMAGE_FOLDER):
-    from mixer_jax import data  # imports TensorFlow: only for image folders, whose classes are on disk
-    return data.num_classes(dataset, data_dir), 'train', None, 'test', 500, 100, 0.003
+def preset(dataset: str):
+  if dataset.startswith(common.IMAGE_FOLDER):  # classes: None, the folders', counted when the run starts
+    return None, 'train', None, 'test', 500, 100, 0.003
   if dataset not in PRESETS:
     raise ValueError(f'no fine-tuning preset for {dataset!r}; choose one of {", ".join(PRESETS)} or '
                      f'{common.IMAGE_FOLDER}<root>')
@@ -47,18 +47,18 @@ def get_config(arg=None):
                        init='', resize='blocks', keep_head=False)
   classes, train_split, minival_split, test_split, steps, warmup, lr = preset(a.dataset)
   values = 'value_range(-1, 1)' if common.family(a.model) == 'mixer' else 'normalize'
-  labels = common.labels(classes)
-  eval_pp = f'decode|resize({a.res})|{values}|{labels}'
 
   c = common.base_config()
+  c.num_classes = classes
+  labels = common.labels(c.get_ref('num_classes'))
+  eval_pp = f'decode|resize({a.res})|{values}|' + labels
   c.model = common.model_config(a.model, image_size=a.res, dtype='bfloat16')
   c.init = a.init
   c.init_keep_head = a.keep_head
   c.init_resize = a.resize
-  c.num_classes = classes
   c.input.dataset = a.dataset
   c.input.split = train_split
-  c.input.pp = f'decode|inception_crop({a.res})|flip_lr|{values}|{labels}'
+  c.input.pp = f'decode|inception_crop({a.res})|flip_lr|{values}|' + labels
   c.input.batch_size = a.batch_size
   if minival_split:
     c.evals.minival = dict(split=minival_split, pp=eval_pp)

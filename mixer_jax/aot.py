@@ -19,7 +19,8 @@ nominal `NOMINAL_STEPS` unless the config gives `total_steps`. Scanned blocks (`
 to a loop whose body XLA's cost analysis counts once: their FLOPs and bytes are not the step's, so no
 roofline is given for them (compile with `--config.model.scan_blocks=False` for it).
 
-Must not: run steps, read datasets or checkpoints beyond what `trainer.build` reads (`config.init`).
+Must not: run steps, read datasets or checkpoints beyond an image folder's class folders (`trainer.count_classes`) and
+what `trainer.build` reads (`config.init`).
 """
 import math
 import re
@@ -112,6 +113,7 @@ def chip_of(device) -> Chip:
 # ------------------------------------------------------------------------------------------------ the program
 def build(config, mesh) -> trainer.Run:
   """`trainer.build` with the config's durations where it gives steps, nominal ones otherwise."""
+  trainer.count_classes(config)
   config_checks.check(config)
   warmup = config.schedule.get('warmup_steps')
   total = config.get('total_steps') or max(NOMINAL_STEPS, 10 * (warmup or 0))

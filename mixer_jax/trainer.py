@@ -217,6 +217,13 @@ class Run(NamedTuple):
   eval_step: Any  # the classification evaluator's jitted step (evaluators/classification.py), for aot and bench
 
 
+def count_classes(config) -> None:
+  """Sets a `num_classes` the config leaves to the data (None: an image folder's class folders, configs/finetune.py)
+  from the training dataset; the recipe's pp strings name it by reference (configs/common.labels) and follow."""
+  if config.num_classes is None:
+    config.num_classes = data.num_classes(config.input.dataset, config.input.data_dir)
+
+
 def load_init(config) -> tuple[Any, dict]:
   """(variables, model overrides) of the `config.init` checkpoint, adapted to the fine-tuned model: the overrides
   are the options the checkpoint decides (a Mixer's tokens_mlp_dim), see `convert.load_for_finetuning`."""
@@ -437,6 +444,7 @@ def evaluate(evals: dict, state: TrainState, step: int, writer) -> dict[str, flo
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
   # --- Config, workdir -----------------------------------------------------------------------------------
+  count_classes(config)
   config_checks.check(config)
   prepare_workdir(workdir)
   primary = jax.process_index() == 0

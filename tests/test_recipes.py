@@ -35,14 +35,33 @@ def _get_config(recipe, arg=''):
 
 
 def test_loading_any_recipe_imports_no_framework():
+  """Every recipe, and fine-tuning on an image folder (its classes are counted when the run starts, not here)."""
+  recipes = [(r, REQUIRED_ARGS.get(r)) for r in RECIPES] + [('finetune', 'dataset=imagefolder:/nonexistent')]
   code = ('import sys, importlib\n'
-          f'for recipe, arg in {[(r, REQUIRED_ARGS.get(r)) for r in RECIPES]!r}:\n'
+          f'for recipe, arg in {recipes!r}:\n'
           '  importlib.import_module(f"configs.{recipe}").get_config(arg)\n'
           'heavy = ("tensorflow", "jax", "flax", "mixer_jax.models", "mixer_jax.convert")\n'
           'print(sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + ".")}))')
   run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert run.returncode == 0, run.stderr
   assert run.stdout.strip() == '[]', f'loading the recipes imported {run.stdout.strip()}'
+
+
+def test_an_image_folder_s_classes_are_counted_when_the_run_starts(tmp_path):
+  """Classes are the class folders of all splits holding images (sources.ImageFolderSource); the recipe's pp strings
+  follow the count, and an explicit --config.num_classes."""
+  for split, classes in (('train', 'abc'), ('test', 'abcd')):
+    for c in classes:
+      (tmp_path / split / c).mkdir(parents=True)
+      (tmp_path / split / c / '0.png').write_bytes(b'')  # listed by name only
+  (tmp_path / 'train' / 'empty').mkdir()
+  config = _get_config('finetune', f'model=mixer_s32,dataset=imagefolder:{tmp_path}')
+  assert config.num_classes is None
+  trainer.count_classes(config)
+  assert config.num_classes == 4
+  assert [config.input.pp.count('onehot(4, '), config.evals.test.pp.count('onehot(4, ')] == [1, 1]
+  config.num_classes = 7
+  assert 'onehot(7, ' in config.input.pp and 'onehot(7, ' in config.evals.test.pp
 
 
 def test_model_switches_are_the_registry_s():
