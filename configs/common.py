@@ -80,8 +80,9 @@ def base_config() -> ConfigDict:
 
   # Model: `name` is a mixer_jax.models name; every other field is passed to models.create as an option.
   c.model = ConfigDict(dict(name='mixer_s32', dtype='float32'))
-  c.num_classes = placeholder(int)
-  c.num_classes = 1000  # None: the training dataset's label classes, counted when the run starts (image folders)
+  # None: the training dataset's label classes, counted when the run starts (image folders). A reference, so that
+  # pp strings can name it before it is known (`labels`).
+  c.num_classes = FieldReference(1000, int)
   # A checkpoint to fine-tune from ('' trains from scratch): Google .npz, timm .safetensors/.pth, or an orbax
   # workdir. Its head is replaced by a zero head, as vit_jax does, unless init_keep_head (then only a head with
   # another number of classes starts at zero). A Mixer at another resolution gets the paper's token-mixing

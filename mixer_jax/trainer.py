@@ -214,6 +214,7 @@ class Run(NamedTuple):
   shapes: TrainState  # ShapeDtypeStructs
   shardings: TrainState  # NamedShardings
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  predict_fn: Any  # (variables, images) -> (logits, out): the evaluators' (one object, so they share steps)
   eval_step: Any  # the classification evaluator's jitted step (evaluators/classification.py), for aot and bench
 
 
@@ -246,9 +247,10 @@ def build(config, mesh, *, total_steps: int, warmup_steps: int, decay_steps: int
   tx, lr_fn = optim.make(config, models.abstract_variables(model)['params'], total_steps=total_steps,
                          warmup_steps=warmup_steps, decay_steps=decay_steps, steps_per_epoch=steps_per_epoch)
   shapes, shardings = state_shardings(model, tx, mesh, config.sharding_rules)
-  eval_step = classification.make_step(functools.partial(predict, model), config.loss, mesh,
-                                       model_variables(shardings))
-  return Run(model, tx, shapes, shardings, make_train_step(model, tx, lr_fn, config, mesh, shardings), eval_step)
+  predict_fn = functools.partial(predict, model)
+  eval_step = classification.make_step(predict_fn, config.loss, mesh, model_variables(shardings))
+  return Run(model, tx, shapes, shardings, make_train_step(model, tx, lr_fn, config, mesh, shardings), predict_fn,
+             eval_step)
 
 
 def preflight(config, mesh, shapes, shardings, total_steps: int) -> str:
@@ -509,9 +511,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache, prefetch=config.input.prefetch,
       split_per_process=config.input.split_per_process)
 
-  # --- Evaluators: config.evals, each with its own data and step ---------------------------------------------
+  # --- Evaluators: config.evals, each with its own data; entries of one kind share their jitted step ----------
   evals = evaluators.from_config(
-      config.evals, functools.partial(predict, run.model), mesh, variables_shardings=model_variables(shardings),
+      config.evals, run.predict_fn, mesh, variables_shardings=model_variables(shardings),
       defaults=dict(dataset=config.input.dataset, data_dir=config.input.data_dir, batch_size=batch_size,
                     loss=config.loss))
 

@@ -10,7 +10,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer_jax import convert, data, models, sharding
+from mixer_jax import convert, data, evaluators, models, sharding
 from mixer_jax.evaluators import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,3 +99,21 @@ def test_real_labels_drop_unlabelled_images():
   assert result['count'] == len(labelled) == 5
   correct = sum(p in s for p, s in zip(predictions, sets) if s)  # [3] yes, [1,3] yes, [0] no, [2,4] yes, [4] yes
   assert result['top1'] == pytest.approx(correct / 5) and correct == 4
+
+
+def test_a_run_s_classification_entries_share_one_compiled_step(tmp_path):
+  """ImageNet's val, v2 and ReaL differ only in their data: their evaluators run one jitted step, compiled once
+  (before, each entry compiled its own)."""
+  root = _image_folder(tmp_path / 'photos', {'train': 2, 'test': 3})
+  model = models.create('mixer_s16', num_classes=3, image_size=32, **OPTIONS)
+  mesh = sharding.make_mesh((-1, 1, 1))
+  variables = jax.device_put(models.init_variables(model, jax.random.key(0)), sharding.replicated(mesh))
+  predict_fn = lambda v, x: model.apply(v, x, train=False)
+  pp = 'decode|resize(32)|value_range(-1, 1)|onehot(3)|keep("image", "labels")'
+  evals = evaluators.from_config(
+      {'train': dict(split='train', pp=pp), 'test': dict(split='test', pp=pp)}, predict_fn, mesh,
+      variables_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), variables),
+      defaults=dict(dataset=f'imagefolder:{root}', data_dir=None, batch_size=8, loss='softmax_xent'))
+  counts = {name: dict(evaluator.run(variables))['count'] for name, evaluator in evals.items()}
+  assert counts == {'train': 6, 'test': 9}
+  assert evals['train'].step is evals['test'].step and evals['train'].step._cache_size() == 1

@@ -128,6 +128,15 @@ def test_extract_counts_every_example_once_and_matches_the_model(folder, model_a
   np.testing.assert_allclose(x, np.asarray(out['pre_logits']), rtol=1e-5, atol=1e-5)
 
 
+def test_a_run_s_probes_share_one_jitted_step(folder, model_and_variables):
+  """Every few-shot entry of a run (the same predict_fn) gathers features through one jitted function."""
+  model, _ = model_and_variables
+  mesh, predict_fn = sharding.make_mesh((-1, 1, 1)), apply_fn_of(model)
+  a, b = (fewshot.Evaluator(predict_fn, mesh, dataset=folder, pp=PP, batch_size=8, name=name) for name in 'ab')
+  assert a.step is b.step
+  assert fewshot.Evaluator(apply_fn_of(model), mesh, dataset=folder, pp=PP, batch_size=8).step is not a.step
+
+
 def test_evaluate_end_to_end(folder, model_and_variables):
   model, variables = model_and_variables
   mesh = sharding.make_mesh((-1, 1, 1))

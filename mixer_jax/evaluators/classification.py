@@ -8,6 +8,7 @@ nothing for one-hot labels. Sums are global (all devices, all processes); ratios
 This module owns the evaluator's data stream and jitted step (`make_step`, which `mixer_jax.aot` and
 `mixer_jax.bench` compile too). It must not train, checkpoint or write metrics.
 """
+import functools
 import time
 
 import jax
@@ -21,8 +22,16 @@ BATCH_KEYS = ('image', 'labels', 'mask')
 def make_step(predict_fn, loss_name: str, mesh, variables_shardings):
   """jit of (variables, batch) -> masked sums of loss, top-1, top-5 and count over one global batch.
 
-  `predict_fn(variables, images) -> (logits, out)` runs the model in inference mode.
+  `predict_fn(variables, images) -> (logits, out)` runs the model in inference mode. The same arguments give the
+  same jitted function, so a run's entries that differ only in their data (ImageNet's val, v2 and ReaL) compile
+  it once, as big_vision's cached `get_eval_fn` does.
   """
+  leaves, treedef = jax.tree.flatten(variables_shardings)
+  return _jitted_step(predict_fn, loss_name, mesh, treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=8)  # a few runs' worth: each entry keeps its model and compiled programs alive
+def _jitted_step(predict_fn, loss_name: str, mesh, shardings_treedef, shardings_leaves):
   loss_of = losses.loss_fn(loss_name)
 
   def step(variables, batch):
@@ -34,6 +43,7 @@ def make_step(predict_fn, loss_name: str, mesh, variables_shardings):
                 count=jnp.sum(weight))
 
   batch = sharding.batch_sharding(mesh)
+  variables_shardings = jax.tree.unflatten(shardings_treedef, shardings_leaves)
   return jax.jit(step, in_shardings=(variables_shardings, {k: batch for k in BATCH_KEYS}),
                  out_shardings=sharding.replicated(mesh))
 

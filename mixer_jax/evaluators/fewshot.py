@@ -30,6 +30,7 @@ assumes enough): a probe quietly computed on fewer shots would not be comparable
 This module owns the probe's evaluator (its two data streams and jitted feature step), feature extraction and the
 probe's math. It must not train, checkpoint or write metrics; it reads data only through `mixer_jax.data.eval_iter`.
 """
+import functools
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -170,9 +171,11 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, *, shots: Sequence[int] =
 
 # --- Features (devices -> host) ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)  # a few runs' worth: each entry keeps its model and compiled programs alive
 def make_step(predict_fn: PredictFn, mesh, layer: str = DEFAULTS['representation_layer']):
   """jit of (variables, batch) -> (features float32 [B, D], label, mask) of one global batch, replicated: GSPMD
-  all-gathers the batch, so every process can read all of it on host."""
+  all-gathers the batch, so every process can read all of it on host. The same arguments give the same jitted
+  function, so a run's probes (every train and test split of every dataset) compile it once per batch shape."""
   def gather(variables, batch):
     _, out = predict_fn(variables, batch['image'])
     if layer not in out:
