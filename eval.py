@@ -1,14 +1,22 @@
-"""Evaluate a checkpoint on a dataset split: top-1, top-5, loss, images/s (and ImageNet-ReaL, few-shot probes).
+"""Evaluate a checkpoint: top-1, top-5, loss, images/s on dataset splits (and ImageNet-ReaL, few-shot probes).
 
+  python eval.py --checkpoint=workdirs/quickstart                  (a training run, evaluated as the run did)
+  python eval.py --checkpoint=WORKDIR --split=test[:50%]           (another split, with the run's pre-processing)
   python eval.py --checkpoint=Mixer-B_16.npz --model=mixer_b16 --data_dir=TFDS_DIR
   python eval.py --checkpoint=davit_tiny.safetensors --pretrained=davit_tiny.msft_in1k --data_dir=TFDS_DIR
-  python eval.py --checkpoint=WORKDIR --dataset=imagenet2012_real --label_key=real_label   (ImageNet-ReaL)
-  python eval.py --checkpoint=WORKDIR --dataset=fashion_mnist --split=test --fewshot=cifar100,pets --output=r.json
+  python eval.py --checkpoint=Mixer-B_16.npz --model=mixer_b16 --dataset=imagenet2012_real --label_key=real_label
+  python eval.py --checkpoint=WORKDIR --fewshot=cifar100,pets --output=results.json
 
-The checkpoint is any format mixer_jax.convert reads (Google .npz, timm .safetensors/.pth, an orbax training
-workdir, whose config.json names the model). The pre-processing is the model family's eval preset at the model's
-resolution (or the --pretrained checkpoint's own, or --pp). Every example is evaluated exactly once, sharded
-over all devices; results are printed and, with --output, written as JSON.
+The checkpoint is any format mixer_jax.convert reads: Google .npz, timm .safetensors/.pth, or an orbax training
+workdir. A workdir is evaluated as its run evaluated it: its config.json names the model with its options and
+the run's evaluations (`config.evals`: dataset, split, pre-processing, batch size), and --dataset / --split choose
+among them, or give data the run never evaluated, pre-processed as the run's evaluation of that dataset (else its
+first). Any other
+checkpoint is evaluated on --dataset / --split (default ImageNet validation) with the --pretrained entry's
+pre-processing or the model family's eval preset at the model's resolution. --pp replaces either (a --pp that
+differs from the run's is noted in the log). Each evaluation logs the pre-processing it used. Every example counts
+exactly once, sharded over all devices; the results are printed as JSON (`evals`: one entry per evaluation, named
+as the run named it, else after the split) and, with --output, written to a file.
 
 Flags, the checkpoint file, the model and its options, the datasets, splits and label keys and the --output path
 are all checked before anything is loaded or compiled; a bad one ends the command with one line,
@@ -21,11 +29,10 @@ import os
 import sys
 from typing import Any, NamedTuple
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from mixer_jax import cli, paths  # light: they import jax only when called
 
-from mixer_jax import cli  # noqa: E402  (light: it imports jax only when called)
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -33,16 +40,22 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   on = dict(flag_values=flag_values)
   flags.DEFINE_string('checkpoint', None, 'Checkpoint file or orbax workdir (required).', **on)
   flags.DEFINE_string('model', None, 'Model name (default: the workdir config.json or the --pretrained entry).', **on)
-  flags.DEFINE_string('model_options', '', 'Model options as key=value,... (e.g. act=gelu).', **on)
+  flags.DEFINE_string('model_options', '', 'Model options as key=value,..., as convert and configs name them (e.g. '
+                      'act=gelu; image_size=384: the evaluation resolution of a ConvMixer or DaViT).', **on)
   flags.DEFINE_string('pretrained', None, 'A mixer_jax.convert.pretrained entry: model, pre-processing, expected.',
                       **on)
-  flags.DEFINE_string('dataset', 'imagenet2012', 'tfds name, fashion_mnist, or imagefolder:<root>.', **on)
-  flags.DEFINE_string('split', 'validation', 'Split to evaluate, e.g. validation or test[:50%].', **on)
-  flags.DEFINE_string('data_dir', None, 'tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).', **on)
-  flags.DEFINE_string('label_key', 'label', 'Label feature: label, or real_label for imagenet2012_real.', **on)
-  flags.DEFINE_string('pp', None, 'Pre-processing string (default: the family preset).', **on)
-  flags.DEFINE_integer('resolution', None, 'Evaluation resolution (default: the model\'s).', lower_bound=1, **on)
-  flags.DEFINE_integer('batch_size', 256, 'Global batch size.', lower_bound=1, **on)
+  flags.DEFINE_string('dataset', None, 'tfds name, fashion_mnist, or imagefolder:<root> (default: a workdir\'s own '
+                      'evaluations, else imagenet2012).', **on)
+  flags.DEFINE_string('split', None, 'Split to evaluate, e.g. validation or test[:50%] (default: a workdir\'s own '
+                      'evaluations, else validation).', **on)
+  flags.DEFINE_string('data_dir', None, 'tfds data_dir (default: the run\'s, else $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets).', **on)
+  flags.DEFINE_string('label_key', 'label', 'Label feature of the family preset: label, or real_label for '
+                      'imagenet2012_real (a run\'s own pre-processing names its own).', **on)
+  flags.DEFINE_string('pp', None, 'Pre-processing string (default: a workdir\'s own evaluation pp, the --pretrained '
+                      'entry\'s, else the family preset).', **on)
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the run\'s evaluation batch, else 256).',
+                       lower_bound=1, **on)
   flags.DEFINE_list('fewshot', [], 'Few-shot linear probes on pre_logits: big_vision names (cifar100, pets, caltech, '
                     'cars, dtd, uc_merced, imagenet) or tfds names with train/test splits.', **on)
   flags.DEFINE_list('fewshot_shots', ['1', '5', '10', '25'], 'Training examples per class of the few-shot probes.',
@@ -53,35 +66,37 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.adopt_module_key_flags(cli, **on)
 
 
-def model_spec(checkpoint_path: str, model: str | None, options: dict, entry) -> tuple[str, dict]:
-  """The model name and options: flags first, then the --pretrained entry, then the workdir's config.json (whose
-  options describe its own model only)."""
-  config_path = os.path.join(checkpoint_path, 'config.json')
-  if os.path.isdir(checkpoint_path) and os.path.exists(config_path):
-    saved = saved_model(config_path)
-    if not model or model == saved['name']:
-      model = saved.pop('name')
-      options = {**saved, **options}
-  if entry is not None:
-    model = model or entry.model
-    options = {**dict(entry.options), **options}
-  if not model:
-    raise ValueError('no model to evaluate: give --model (or --pretrained, or a training workdir holding '
-                     'config.json)')
-  return model, options
-
-
-def saved_model(config_path: str) -> dict:
-  """The `model` entry (name and options) of a training workdir's config.json."""
-  try:
-    with open(config_path) as f:
-      saved = json.load(f).get('model')
-  except (ValueError, AttributeError):  # not JSON, or JSON but not an object
-    saved = None
-  if not (isinstance(saved, dict) and isinstance(saved.get('name'), str)):
-    raise ValueError(f'{config_path} is not a training config (it names no model.name): repair it, or give --model '
-                     'and --model_options')
-  return dict(saved)
+def evaluations(fv, run: dict | None) -> list:
+  """What to evaluate. A training workdir: its own evaluations, those of --dataset / --split if given; a dataset or
+  split it never evaluated (named after its split) takes the pre-processing of its evaluation of the same dataset
+  (else its first). Anything
+  else: --dataset / --split (default imagenet2012 validation) with the preset. --pp, --data_dir and --batch_size
+  replace what they name."""
+  from mixer_jax import inference
+  from mixer_jax.data import sources
+  dataset = sources.resolve(fv.dataset)
+  own = inference.run_evaluations(run) if run is not None else []
+  chosen = [e for e in own if dataset in (None, e.dataset) and fv.split in (None, e.split)]
+  if not chosen:
+    like = next((e for e in own if e.dataset == dataset), own[0] if own else None)
+    if like is None:
+      split = fv.split or 'validation'
+      chosen = [inference.Evaluation(split, dataset or 'imagenet2012', split, None, None, inference.DEFAULT_BATCH_SIZE)]
+    else:
+      split = fv.split or like.split
+      chosen = [like._replace(name=split, dataset=dataset or like.dataset, split=split)]
+      listed = ', '.join(f'{e.name} ({e.dataset} {e.split})' for e in own)
+      logging.info('%s %s is none of the run\'s evaluations (%s): evaluating it with the pre-processing of %r',
+                   chosen[0].dataset, chosen[0].split, listed, like.name)
+  chosen = [e._replace(data_dir=paths.resolve(fv.data_dir) or e.data_dir, batch_size=fv.batch_size or e.batch_size)
+            for e in chosen]
+  if fv.pp:
+    for e in chosen:
+      if e.pp is not None and e.pp != fv.pp:
+        logging.info('--pp differs from the pre-processing the run evaluated %r with (%s): evaluating with --pp',
+                     e.name, e.pp)
+    chosen = [e._replace(pp=fv.pp) for e in chosen]
+  return chosen
 
 
 def positive_ints(values: list[str], flag: str) -> tuple[int, ...]:
@@ -100,10 +115,11 @@ def dataset_source(dataset: str, splits: tuple[str, ...], data_dir: str | None):
   return source
 
 
-def check_examples(spec: dict, pp: str, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+def check_examples(spec: dict, pp: str, num_classes: int, image_shape: tuple[int, int, int], *,
+                   resizable: bool) -> None:
   """The pipeline's batches (their tf.data `spec`, known before any example is read) hold what the evaluation
   needs: images of the model's shape (where the pp fixes it) and one-hot `labels` as wide as the head. `pp` names
-  the pre-processing in the errors."""
+  the pre-processing in the errors; `resizable`: the model runs at any image size (ConvMixer, DaViT)."""
   missing = [key for key in ('image', 'labels') if key not in spec]
   if missing:
     raise ValueError(f'{pp} gives no {" and no ".join(missing)}: end it with '
@@ -113,8 +129,11 @@ def check_examples(spec: dict, pp: str, num_classes: int, image_shape: tuple[int
     raise ValueError(f'{pp} gives labels of shape {tuple(labels)}, not ({num_classes},): one-hot them for '
                      f'the {num_classes}-class head, e.g. onehot({num_classes}, key="label", key_result="labels")')
   if image.is_fully_defined() and tuple(image) != image_shape:
+    fix = (f'give a --pp that makes {image_shape[2]}-channel images' if image[2] != image_shape[2] else
+           'give a --pp that resizes or crops to it' + (f', or --model_options=image_size={image[0]} to run the model '
+                                                         'at that size' if resizable and image[0] == image[1] else ''))
     raise ValueError(f'{pp} gives {"x".join(map(str, image))} images, but the model takes '
-                     f'{"x".join(map(str, image_shape))}: resize or crop to it (or set --resolution)')
+                     f'{"x".join(map(str, image_shape))}: {fix}')
 
 
 def fewshot_pp(family: str, resolution: int, channels: int) -> str:
@@ -138,7 +157,7 @@ def run(argv: list[str], flag_values) -> dict | None:
     return None
   print(json.dumps(results, indent=2))
   if flag_values.output:
-    with open(flag_values.output, 'w') as f:
+    with open(paths.resolve(flag_values.output), 'w') as f:
       json.dump(results, f, indent=2)
   return results
 
@@ -157,36 +176,43 @@ class Plan(NamedTuple):
   options: dict  # the model's, from the flags, the entry and the workdir's config.json
   given: dict  # --model_options alone
   mesh: Any
-  source: Any  # the evaluated dataset's mixer_jax.data.sources source
+  evaluations: list  # inference.Evaluation
   probes: dict  # few-shot probe name -> (dataset, train split, test split)
   shots: tuple[int, ...]
 
 
 def check_arguments(fv) -> Plan:
   """Every flag, the checkpoint file, the model and the datasets, before anything is loaded or compiled."""
-  from mixer_jax import convert, data, sharding
+  from mixer_jax import convert, data, inference, sharding
   from mixer_jax.convert import files, pretrained
   from mixer_jax.evaluators import fewshot
   if not fv.checkpoint:
     raise ValueError('--checkpoint is required: give a .npz, .safetensors or .pth file, or an orbax workdir')
   shots = positive_ints(fv.fewshot_shots, '--fewshot_shots')
   if fv.output:
-    cli.check_output_file(fv.output, '--output')
+    cli.check_output_file(paths.resolve(fv.output), '--output')
   entry = pretrained.get(fv.pretrained) if fv.pretrained else None
-  files.checkpoint_format(fv.checkpoint)
+  try:
+    files.checkpoint_format(fv.checkpoint)
+  except FileNotFoundError:
+    if entry is None:
+      raise
+    raise FileNotFoundError(f'{fv.checkpoint}: no such checkpoint file or directory'
+                            f'{pretrained.download_hint(fv.checkpoint, entry)}') from None
   given = cli.parse_options(fv.model_options, '--model_options')
-  if 'image_size' in given:
-    raise ValueError('--model_options: image_size is the evaluation size: give it with --resolution')
-  name, options = model_spec(fv.checkpoint, fv.model, given, entry)
-  convert.check_model(name, given, '--model' if fv.model else os.path.join(fv.checkpoint, 'config.json'))
+  run, name, options = inference.spec(fv.checkpoint, fv.model, given, entry)
+  config_path = os.path.join(paths.resolve(fv.checkpoint), convert.RUN_CONFIG)
+  convert.check_model(name, given, '--model' if run is None else config_path)
   mesh = sharding.make_mesh((-1, 1, 1))
-  sharding.check_batch_size(fv.batch_size, mesh)
-  source = dataset_source(fv.dataset, (fv.split,), fv.data_dir)
-  if fv.pp:
-    data.ops.parse(fv.pp)
-  elif fv.label_key not in source.features():  # the preset pp one-hots it
-    raise ValueError(f'--label_key={fv.label_key}: {fv.dataset} has no such feature; its features are '
-                     f'{", ".join(source.features())}')
+  chosen = evaluations(fv, run)
+  for evaluation in chosen:
+    sharding.check_batch_size(evaluation.batch_size, mesh)
+    source = dataset_source(evaluation.dataset, (evaluation.split,), evaluation.data_dir)
+    if evaluation.pp:
+      data.ops.parse(evaluation.pp)
+    elif fv.label_key not in source.features():  # the preset pp one-hots it
+      raise ValueError(f'--label_key={fv.label_key}: {evaluation.dataset} has no such feature; its features are '
+                       f'{", ".join(source.features())}')
   probes = {}
   for probe in fv.fewshot:
     dataset, train_split, test_split = fewshot.BIG_VISION_DATASETS.get(probe, (probe, 'train', 'test'))
@@ -198,75 +224,68 @@ def check_arguments(fv) -> Plan:
       raise ValueError(f'--fewshot={probe}: {dataset} has no feature "label" for the probes; its features are '
                        f'{", ".join(features)}')
     probes[probe] = (dataset, train_split, test_split)
-  return Plan(entry, name, options, given, mesh, source, probes, shots)
+  return Plan(entry, name, options, given, mesh, chosen, probes, shots)
 
 
 def evaluate_checkpoint(flag_values) -> dict:
   import jax
-  from mixer_jax import convert, models, sharding
-  from mixer_jax.data import presets
+  from mixer_jax import inference, models, sharding
+  from mixer_jax.data import sources
   from mixer_jax.evaluators import classification, fewshot
   fv = flag_values
-  entry, name, options, given, mesh, source, probes, shots = check_arguments(fv)
+  entry, name, options, given, mesh, chosen, probes, shots = check_arguments(fv)
 
   # --- The model ----------------------------------------------------------------------------------------------
-  architecture = {k: v for k, v in options.items() if k not in convert.CHECKPOINT_OPTIONS}
-  variables = convert.load(fv.checkpoint, name, **architecture)
-  fixed = convert.tree_options(name, variables['params'])
-  for key in sorted(set(given) & set(fixed)):  # the checkpoint's head and token grid: allowed where they agree
-    if given[key] != fixed[key]:
-      raise ValueError(f'--model_options: {key}={given[key]}, but the checkpoint has {key}={fixed[key]}: leave it '
-                       'out')
+  restored = inference.restore(fv.checkpoint, name, options, given)
+  model, num_classes, resolution = restored.model, restored.num_classes, restored.resolution
   family = models.family(name)
-  resolution = fv.resolution or fixed.get('image_size') or models.variant(name).kwargs.get('image_size', 224)
-  if family == 'mixer' and resolution != fixed['image_size']:
-    raise ValueError(f'--resolution={resolution}: {name} from {fv.checkpoint} runs at {fixed["image_size"]}x'
-                     f'{fixed["image_size"]} only; fine-tune it at another resolution with configs/finetune.py:res=...')
-  model = models.create(name, **{**options, **fixed, 'image_size': resolution})
-  variables = models.stack_blocks(variables, model)  # a workdir's scan_blocks=True: its own layout
-  num_classes = fixed['num_classes']
-  if not num_classes:
-    raise ValueError(f'{fv.checkpoint} has no classification head to evaluate: fine-tune it first '
-                     '(configs/finetune.py)')
-  dataset_classes = source.label_classes(fv.label_key)
-  if dataset_classes and dataset_classes > num_classes:
-    raise ValueError(f'--dataset={fv.dataset} has {dataset_classes} classes but {fv.checkpoint} has a '
-                     f'{num_classes}-class head: evaluate it on the dataset it was trained for')
+  logging.info('model %s: %s parameters', models.describe(name, {**options, 'image_size': resolution}),
+               f'{models.count_params(restored.variables["params"]):,}')
 
-  labels = f'onehot({num_classes}, key="{fv.label_key}", key_result="labels")|keep("image", "labels")'
-  if fv.pp:
-    pp = fv.pp
-  elif entry is not None and entry.image_pp:
-    pp = f'{entry.image_pp}|{labels}'
-  else:
-    pp = presets.eval_pp(family, resolution=resolution, num_classes=num_classes, label_key=fv.label_key)
-
-  if model.in_channels != 3:  # e.g. the grayscale quickstart models
-    pp = pp.replace('decode|', f'decode(channels={model.in_channels})|', 1)
-  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables)
-  predict = lambda v, x: model.apply(v, x, train=False)
-  context = dict(variables_shardings=replicated, defaults=dict(dataset=fv.dataset, data_dir=fv.data_dir,
-                                                               batch_size=fv.batch_size, loss='softmax_xent'))
-  evaluator = classification.Evaluator(predict, mesh, split=fv.split, pp=pp, **context)
-  check_examples(evaluator.stream.dataset.element_spec, f'--pp={pp}' if fv.pp else f'the pre-processing {pp}',
-                 num_classes, (resolution, resolution, model.in_channels))
+  # --- The evaluations: the run's own pre-processing, or the checkpoint's, or the family preset ------------------
+  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), restored.variables)
+  predict = inference.predict(model)
+  context = dict(variables_shardings=replicated, defaults=dict(dataset=None, data_dir=None,
+                                                               batch_size=inference.DEFAULT_BATCH_SIZE,
+                                                               loss='softmax_xent'))
+  evaluators = {}
+  for e in chosen:
+    pp, source = e.pp, '--pp' if fv.pp else 'the run\'s'
+    if pp is None:
+      dataset_classes = sources.get(e.dataset, e.data_dir).label_classes(fv.label_key)
+      if dataset_classes and dataset_classes > num_classes:
+        raise ValueError(f'--dataset={e.dataset} has {dataset_classes} classes but {fv.checkpoint} has a '
+                         f'{num_classes}-class head: evaluate it on the dataset it was trained for')
+      pp = inference.preset_pp(restored, name, entry, fv.label_key)
+      source = 'the pre-trained entry\'s' if entry and entry.image_pp else f'the {family} preset'
+    logging.info('eval %s: %s %s, pre-processing (%s) %s', e.name, e.dataset, e.split, source, pp)
+    evaluator = classification.Evaluator(predict, mesh, split=e.split, pp=pp, dataset=e.dataset,
+                                         data_dir=e.data_dir, batch_size=e.batch_size, **context)
+    check_examples(evaluator.stream.dataset.element_spec, f'--pp={pp}' if fv.pp else f'the pre-processing {pp}',
+                   num_classes, (resolution, resolution, model.in_channels), resizable=family != 'mixer')
+    evaluators[e] = (evaluator, pp)
 
   # --- Evaluation ---------------------------------------------------------------------------------------------
-  variables = jax.device_put(variables, replicated)
-  metrics = dict(evaluator.run(variables))
-  results = dict(checkpoint=fv.checkpoint, model=name, dataset=fv.dataset, split=fv.split, label_key=fv.label_key,
-                 pp=pp, devices=mesh.devices.size, **metrics)
+  variables = jax.device_put(restored.variables, replicated)
+  results = dict(checkpoint=fv.checkpoint, model=name, devices=mesh.devices.size, evals={})
+  for e, (evaluator, pp) in evaluators.items():
+    metrics = dict(evaluator.run(variables))
+    logging.info('eval %s: %s', e.name, evaluator.summary(metrics))
+    results['evals'][e.name] = dict(dataset=e.dataset, split=e.split, pp=pp, **metrics)
   for probe, (dataset, train_split, test_split) in probes.items():
-    cfg = dict(dataset=dataset, train_split=train_split, test_split=test_split, data_dir=fv.data_dir,
-               batch_size=fv.batch_size, pp=fewshot_pp(family, resolution, model.in_channels),
+    cfg = dict(dataset=dataset, train_split=train_split, test_split=test_split, data_dir=paths.resolve(fv.data_dir),
+               batch_size=fv.batch_size or inference.DEFAULT_BATCH_SIZE,
+               pp=fewshot_pp(family, resolution, model.in_channels),
                name=probe if probe in fewshot.BIG_VISION_DATASETS else None,  # None: named after the dataset
                shots=shots)
-    results.update(fewshot.Evaluator(predict, mesh, **context, **cfg).run(variables))
+    results.setdefault('fewshot', {}).update(fewshot.Evaluator(predict, mesh, **context, **cfg).run(variables))
   if entry is not None:
     results.update(pretrained=fv.pretrained, expected_top1=entry.top1, expected_source=entry.source, note=entry.note)
-    if entry.top1 is not None and fv.dataset == 'imagenet2012' and fv.split == 'validation':
+    measured = next((results['evals'][e.name] for e in chosen
+                     if e.dataset == 'imagenet2012' and e.split == 'validation'), None)
+    if entry.top1 is not None and measured:
       logging.info('%s: expected top-1 %.2f%% (%s), measured %.2f%%', fv.pretrained, entry.top1, entry.source,
-                   100 * metrics['top1'])
+                   100 * measured['top1'])
   return results
 
 
@@ -275,8 +294,12 @@ def main(argv: list[str]) -> None:  # absl's app.run exits with main's return va
   run(argv, flags.FLAGS)
 
 
-if __name__ == '__main__':
-  cli.quiet_libtpu_probe()
+def script() -> None:
+  """`python eval.py` (and the `mixer-jax-eval` command pyproject.toml installs)."""
   cli.preload_tcmalloc()
   define_flags(flags.FLAGS)
   app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv))
+
+
+if __name__ == '__main__':
+  script()

@@ -13,8 +13,8 @@ import math
 import os
 import re
 
-from mixer_jax import cli, data, losses, mixup, models, optim
-from mixer_jax.convert import resize
+from mixer_jax import cli, data, losses, mixup, models, optim, paths
+from mixer_jax.convert import pretrained, resize
 
 # (name, required): the durations of configs/common.py, each given as exactly one of _steps/_epochs/_examples.
 DURATIONS = (('total', True), ('log_every', True), ('checkpoint_every', True), ('eval_every', False))
@@ -89,8 +89,7 @@ RULES = (
     ('frozen', _regexes, 'a tuple of regexes'),
     ('lr_mults', _lr_mults, 'a tuple of (regex, multiplier >= 0) pairs'),
     ('grad_clip_norm', lambda v: _number(v) and v > 0, 'None or a number > 0'),
-    ('init', lambda v: v == '' or isinstance(v, str) and os.path.exists(v),
-     "an existing checkpoint file or workdir, or '' to train from scratch"),
+    ('init', lambda v: isinstance(v, str), "a checkpoint file or workdir, or '' to train from scratch"),
     ('init_keep_head', lambda v: isinstance(v, bool), 'True or False'),
     ('init_resize', _one_of(resize.METHODS), f'one of {resize.METHODS}'),
     ('model.dtype', _one_of(models.DTYPES), f'one of {models.DTYPES}'),
@@ -195,6 +194,9 @@ def check(config) -> None:
                         warmup_steps=config.schedule.warmup_steps, decay_steps=config.schedule.decay_steps)
     except ValueError as error:
       raise ValueError(f'config.schedule: {error}') from None
+  if config.init and not os.path.exists(paths.resolve(config.init)):
+    hint = pretrained.download_hint(config.init) or ": give one, or '' to train from scratch"
+    raise ValueError(f'config.init = {config.init!r}: no such checkpoint file or workdir{hint}')
   _check_mesh(config.mesh)
   _check_evals(config.evals)
   name = config.model.name

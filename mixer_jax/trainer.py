@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import re
 import resource
 import time
 from typing import Any, NamedTuple
@@ -33,7 +32,8 @@ import optax
 from clu import metric_writers, parameter_overview
 from jax.experimental import multihost_utils
 
-from mixer_jax import checkpoint, cli, config_checks, convert, data, evaluators, losses, mixup, models, optim, sharding
+from mixer_jax import (checkpoint, cli, config_checks, convert, data, evaluators, losses, mixup, models, optim, paths,
+                       sharding)
 from mixer_jax.evaluators import classification
 
 
@@ -225,6 +225,16 @@ def count_classes(config) -> None:
     config.num_classes = data.num_classes(config.input.dataset, config.input.data_dir)
 
 
+def resolve_paths(config) -> None:
+  """Makes the config's paths (init, data_dir, image folders, of the input and of every evaluation) absolute, so
+  that config.json names the same files from any directory (`paths.resolve`)."""
+  config.init = paths.resolve(config.init)
+  for group in (config.input, *config.evals.values()):
+    for key, resolve in (('data_dir', paths.resolve), ('dataset', data.sources.resolve)):
+      if group.get(key) is not None:
+        group[key] = resolve(group[key])
+
+
 def load_init(config) -> tuple[Any, dict]:
   """(variables, model overrides) of the `config.init` checkpoint, adapted to the fine-tuned model: the overrides
   are the options the checkpoint decides (a Mixer's tokens_mlp_dim), see `convert.load_for_finetuning`."""
@@ -275,7 +285,8 @@ def preflight(config, mesh, shapes, shardings, total_steps: int) -> str:
       f'mesh {dict(mesh.shape)} over {mesh.devices.size} devices',
       f'batch {config.input.batch_size} global, {local_batch} per process, '
       f'{config.input.batch_size // sharding.data_parallel_size(mesh)} per data-parallel device',
-      f'{params:,} parameters; train state {per_device / 2**30:.3f} GiB per device as sharded',
+      f'model {models.describe(config.model.name, model_options(config))}: {params:,} parameters; train state '
+      f'{per_device / 2**30:.3f} GiB per device as sharded',
   ])
 
 
@@ -374,7 +385,7 @@ def _kept(row: dict, step: int, evaluations_repeat: bool) -> bool:
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir`; a path that cannot be one (a file, an unwritable place) is a one-line error now, not
   after the data are read and the step compiled."""
-  if re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', workdir):  # os.makedirs would make a local folder named like it
+  if paths.is_url(workdir):  # os.makedirs would make a local folder named like it
     raise ValueError(f'--workdir {workdir}: object-store URLs are not supported for the workdir (each host would '
                      'write into a local folder of that name): mount the bucket on every host (gcsfuse BUCKET '
                      '/gcs/BUCKET) and give the mounted path, or use a shared file system')
@@ -408,7 +419,7 @@ def _stop_trace(state, trace_dir: str) -> None:
 def _saved_init_overrides(workdir: str) -> dict | None:
   """The model options this run's first start resolved from `config.init` (config.json; None: not recorded)."""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
+    with open(os.path.join(workdir, convert.RUN_CONFIG)) as f:
       saved = json.load(f).get('init_overrides')
   except (OSError, ValueError, AttributeError):  # missing, torn, or not a JSON object
     return None
@@ -422,7 +433,7 @@ def write_config(workdir: str, config, init_overrides: dict | None) -> None:
   record = json.loads(config.to_json_best_effort())
   if config.init:
     record['init_overrides'] = init_overrides
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, convert.RUN_CONFIG)
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=2)
   os.replace(path + '.tmp', path)
@@ -443,9 +454,12 @@ def evaluate(evals: dict, state: TrainState, step: int, writer) -> dict[str, flo
   return written
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
-  """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics."""
+def train_and_evaluate(config, workdir: str, *, devices=None, parameter_table: bool = False) -> dict[str, float]:
+  """Trains (resuming from the newest checkpoint in `workdir` if there is one) and returns the last metrics;
+  `parameter_table` logs every parameter at the start (the pre-flight report counts them)."""
   # --- Config, workdir -----------------------------------------------------------------------------------
+  workdir = paths.resolve(workdir)
+  resolve_paths(config)
   count_classes(config)
   config_checks.check(config)
   prepare_workdir(workdir)
@@ -493,7 +507,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
       state = state.replace(params=jax.device_put(variables['params'], shardings.params),
                             batch_stats=jax.device_put(variables.get('batch_stats', {}), shardings.batch_stats))
   start_step = int(state.step)
-  if primary:
+  if primary and parameter_table:
     overview = parameter_overview.get_parameter_overview(shapes.params, include_stats=False)
     logging.info('parameters of %s:\n%s', config.model.name, overview)
 

@@ -1,6 +1,7 @@
 """Checkpoint converters: external weight formats <-> mixer_jax variables, always name- and shape-checked.
 
   load(path, name, **options)        any supported checkpoint -> variables of the registered model `name`
+  run_config(path) / run_model(run)  what train.py recorded in a workdir's config.json: the run, its model
   save(variables, path, name, fmt)   variables -> 'npz' (Google's Mixer layout), 'timm' (.safetensors / .pth) or
                                      'orbax' (a directory `load` and fine-tuning read back)
   from_timm / to_timm                timm (PyTorch) state dicts of all three families
@@ -17,6 +18,7 @@ code (files.py). Every function here sees the published per-block layout only: a
 that runs a scanned model stacks the result itself (`models.stack_blocks`).
 """
 import dataclasses
+import json
 import os
 import re
 import types
@@ -27,14 +29,15 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from mixer_jax import cli, models
+from mixer_jax import cli, models, paths
 from mixer_jax.convert import files, npz, resize, timm
 from mixer_jax.convert.timm import to_timm
 
-__all__ = ['load', 'save', 'from_timm', 'to_timm', 'fit', 'load_for_finetuning', 'merge']
+__all__ = ['load', 'save', 'from_timm', 'to_timm', 'fit', 'load_for_finetuning', 'merge', 'run_config', 'run_model']
 FORMATS = ('npz', 'timm', 'orbax')
 # Options a checkpoint's arrays decide (its head, a Mixer's token grid), never a config or a flag.
 CHECKPOINT_OPTIONS = ('num_classes', 'image_size', 'tokens_mlp_dim')
+RUN_CONFIG = 'config.json'  # what train.py writes in its workdir (trainer.write_config)
 HEAD = ('params', 'head')
 Path = tuple[str, ...]
 SHOWN = 6  # keys named per kind of problem (the count says how many there are): the error stays readable
@@ -93,15 +96,53 @@ def patch_size(name: str, overrides: Mapping[str, Any]) -> int:
   return models.pair(overrides.get('patch_size', models.variant(name).kwargs['patch_size']))[0]
 
 
+def run_config(path: str) -> dict | None:
+  """The config.json that train.py wrote in the training workdir `path` (or the workdir of `path`, its checkpoints/
+  folder or one step of it) as a dict, the model options its `config.init` decided (`init_overrides`, e.g. a
+  resized Mixer's tokens_mlp_dim) folded into its `model`; None where `path` is not in a training workdir."""
+  path = paths.resolve(path)
+  parent = os.path.dirname(path)
+  candidates = [path]
+  if os.path.basename(path) == 'checkpoints':
+    candidates.append(parent)
+  elif os.path.basename(path).isdigit() and os.path.basename(parent) == 'checkpoints':
+    candidates.append(os.path.dirname(parent))
+  config_path = next((os.path.join(c, RUN_CONFIG) for c in candidates if os.path.isfile(os.path.join(c, RUN_CONFIG))),
+                     None)
+  if config_path is None:
+    return None
+  try:
+    with open(config_path) as f:
+      record = json.load(f)
+  except ValueError:  # not JSON
+    record = None
+  model = record.get('model') if isinstance(record, dict) else None
+  if not (isinstance(model, dict) and isinstance(model.get('name'), str)):
+    raise ValueError(f'{config_path} is not a training config (it names no model.name): repair it, or give --model '
+                     'and --model_options')
+  return {**record, 'model': {**model, **(record.get('init_overrides') or {})}}
+
+
+def run_model(run: dict) -> tuple[str, dict]:
+  """(name, options) of the model of a `run_config`."""
+  options = dict(run['model'])
+  return options.pop('name'), options
+
+
 def load(path: str, name: str, **overrides) -> dict:
   """Variables {'params': ..., ['batch_stats': ...]} (numpy) of model `name` from any supported checkpoint.
 
   The model they must fit is built with `overrides`; by default with the checkpoint's own number of classes
-  (its head) and, for a Mixer, its own token grid at the model's patch size; options that only change how the
-  model runs (`scan_blocks`, `remat`) do not change what is returned, the per-block layout. One ValueError lists
-  the names and shapes that do not fit.
+  (its head) and, for a Mixer, its own token grid at the model's patch size, and for a training workdir of a
+  model `name` with the options its config.json records (`run_config`); options that only change how the model
+  runs (`scan_blocks`, `remat`) do not change what is returned, the per-block layout. One ValueError lists the
+  names and shapes that do not fit.
   """
+  path = paths.resolve(path)
   fmt = files.checkpoint_format(path)
+  run = run_config(path) if fmt == 'orbax' else None
+  if run is not None and run['model']['name'] == name:
+    overrides = {**run_model(run)[1], **overrides}
   family = models.family(name)
   if fmt in ('safetensors', 'torch'):
     state_dict = timm.timm_layout(family, files.read_state_dict(path))
@@ -120,6 +161,7 @@ def save(variables, path: str, name: str, fmt: str) -> None:
   """Writes variables of model `name` as `fmt`: 'npz', 'timm' (.safetensors, or .pth) or 'orbax', always in the
   per-block layout (a scanned model's stacked blocks are split)."""
   variables = models.unstack_blocks(dict(variables), name)
+  path = paths.resolve(path)
   if fmt == 'npz':
     if models.family(name) != 'mixer':
       raise ValueError(f'.npz export is Google\'s MLP-Mixer layout; {name} is not a Mixer')

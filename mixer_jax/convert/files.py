@@ -24,6 +24,9 @@ import zlib
 
 import numpy as np
 
+from mixer_jax import paths
+from mixer_jax.convert import pretrained
+
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.ckpt')
 STATE_DICT_KEYS = ('state_dict', 'model')  # where training scripts nest the weights
 _NPY_MAGIC = b'\x93NUMPY'
@@ -62,12 +65,13 @@ def _suffix_format(path: str) -> str | None:
 def checkpoint_format(path: str) -> str:
   """'npz', 'safetensors', 'torch' (by the suffix, after checking that the file's first bytes agree) or 'orbax' (a
   directory holding an orbax checkpoint); anything else is an error saying what the path holds."""
-  if os.path.isdir(path):
-    orbax_item(path)
+  found = paths.resolve(path)
+  if os.path.isdir(found):
+    orbax_item(found)
     return 'orbax'
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no such checkpoint file or directory')
-  fmt, kind = _suffix_format(path), _sniff(path)
+  if not os.path.exists(found):
+    raise FileNotFoundError(f'{path}: no such checkpoint file or directory{pretrained.download_hint(path)}')
+  fmt, kind = _suffix_format(path), _sniff(found)
   if fmt and kind in _ACCEPTED[fmt]:
     return fmt
   fix = f'rename it to {_RENAME[kind]}' if kind in _RENAME else _FIX.get(kind, 'download it again or give another file')
@@ -253,21 +257,23 @@ def read_orbax(path: str) -> dict:
   a training state are not read)."""
   import jax
   import orbax.checkpoint as ocp
-  item = orbax_item(path)
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(item).item_metadata.tree
+  from etils import epath
+  item = epath.Path(orbax_item(paths.resolve(path)))
+  # The handler reads the tree alone: a checkpointer would also look for step metadata in the item folder, where
+  # orbax's CheckpointManager never writes it, and warn that it is missing.
+  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
   if 'params' not in tree:
     raise ValueError(f'{path}: the orbax checkpoint has no params (keys: {", ".join(tree)})')
   target = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[k]) for k in ('params', 'batch_stats')
             if tree.get(k)}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  return checkpointer.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                 partial_restore=True))
+  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                            partial_restore=True))
 
 
 def write_orbax(variables: dict, path: str) -> None:
   import orbax.checkpoint as ocp
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), variables)
+  checkpointer.save(paths.resolve(path), variables)
   checkpointer.wait_until_finished()
 

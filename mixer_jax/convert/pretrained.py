@@ -2,13 +2,15 @@
 accuracy published for it, so `eval.py --pretrained=NAME` can print expected against measured.
 
 Nothing is downloaded here: fetch `url` yourself (gs:// with gsutil, Hugging Face with its hub client) and pass
-the local file. Accuracies are ImageNet-1k validation top-1 unless the note says otherwise.
+the local file; a missing file whose name is one of the table's gets an error naming where to download it
+(`download_hint`). Accuracies are ImageNet-1k validation top-1 unless the note says otherwise.
 
 Known pitfalls recorded in the notes: timm's `mixer_*.goog_in21k_ft_in1k` tags are mislabelled (their accuracy
 matches the paper's ImageNet-1k-only models; Google never published the i21k->i1k Mixer weights), and the
 released ConvMixer-768/32 uses ReLU (our `convmixer_768_32` does too).
 """
 import dataclasses
+import os
 
 from mixer_jax import cli
 
@@ -29,6 +31,7 @@ class Checkpoint:
 
 _GOOGLE = 'gs://mixer_models/'
 _HF = 'https://huggingface.co/timm/'
+_HINTED = 3  # sources named by download_hint
 _EXACT_GELU = (('act', 'gelu'),)  # timm's Mixer weights were trained (or converted) with the exact GELU
 
 CHECKPOINTS = {
@@ -89,3 +92,21 @@ def get(name: str) -> Checkpoint:
     raise ValueError(f'unknown pre-trained checkpoint {name!r}{cli.did_you_mean(name, list(CHECKPOINTS))}; known: '
                      f'{", ".join(CHECKPOINTS)}')
   return CHECKPOINTS[name]
+
+
+def download_hint(path: str, entry: Checkpoint | None = None) -> str:
+  """For a checkpoint file that is missing: ': download it from <url>' naming `entry`'s source, else the table's
+  entries whose file, entry name or model the file name gives (`Mixer-B_16.npz`, `davit_tiny.safetensors`); ''
+  when none does."""
+  if entry is None:
+    file = os.path.basename(path.rstrip('/'))
+    stem = file.split('.')[0]
+    entries = [e for name, e in CHECKPOINTS.items()
+               if file == os.path.basename(e.url) or stem in (name, name.split('.')[0], e.model)]
+  else:
+    entries = [entry]
+  if not entries:
+    return ''
+  sources = [e.url + (' (its model.safetensors)' if e.url.startswith(_HF) else '') for e in entries[:_HINTED]]
+  more = f' ({len(entries) - _HINTED} more in mixer_jax/convert/pretrained.py)' if len(entries) > _HINTED else ''
+  return f': download it from {" or ".join(sources)}{more}'

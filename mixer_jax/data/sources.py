@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer_jax import cli
+from mixer_jax import cli, paths
 from mixer_jax.data import fashion_mnist
 
 IMAGEFOLDER_PREFIX = 'imagefolder:'
@@ -45,7 +45,14 @@ _SPLIT_PART = re.compile(r'\s*([\w-]+)\s*(\[[^\[\]]*\])?\s*')  # a split name, a
 
 
 def default_data_dir() -> str:
-  return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+  return paths.resolve(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def resolve(dataset: str | None) -> str | None:
+  """A dataset name with the folder of `imagefolder:<root>` made absolute (`paths.resolve`); tfds names unchanged."""
+  if isinstance(dataset, str) and dataset.startswith(IMAGEFOLDER_PREFIX):
+    return IMAGEFOLDER_PREFIX + paths.resolve(dataset[len(IMAGEFOLDER_PREFIX):])
+  return dataset
 
 
 class Source(Protocol):
@@ -57,6 +64,7 @@ class Source(Protocol):
   def num_classes(self) -> int: ...
   def features(self) -> list[str]: ...
   def label_classes(self, key: str) -> int | None: ...
+  def class_names(self) -> list[str] | None: ...
 
 
 def check_split(name: str, split, splits) -> None:
@@ -129,10 +137,19 @@ class TfdsSource:
   def label_classes(self, key: str) -> int | None:
     """The classes of feature `key` if it holds class labels (a ClassLabel, or a sequence of them like
     imagenet2012_real's real_label), else None."""
+    feature = self._class_label(key)
+    return feature.num_classes if feature is not None else None
+
+  def class_names(self) -> list[str] | None:
+    """The names of the `label` classes as the dataset gives them (ImageNet: WordNet ids), else None."""
+    feature = self._class_label('label')
+    return list(feature.names) if feature is not None else None
+
+  def _class_label(self, key: str) -> tfds.features.ClassLabel | None:
     feature = self.builder.info.features[key] if key in self.builder.info.features else None
     if isinstance(feature, tfds.features.Sequence):
       feature = feature.feature
-    return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
+    return feature if isinstance(feature, tfds.features.ClassLabel) else None
 
 
 class ImageFolderSource:
@@ -140,7 +157,7 @@ class ImageFolderSource:
 
   def __init__(self, root: str):
     self.name = IMAGEFOLDER_PREFIX + root
-    self.root = os.path.expanduser(root)
+    self.root = paths.resolve(root)
     layout = f'expected {self.root}/<split>/<class>/*.jpg|jpeg|png'
     if not os.path.isdir(self.root):
       state = 'is a file, not a folder' if os.path.exists(self.root) else 'does not exist'
@@ -193,6 +210,9 @@ class ImageFolderSource:
   def label_classes(self, key: str) -> int | None:
     return len(self.classes) if key == 'label' else None
 
+  def class_names(self) -> list[str]:
+    return list(self.classes)
+
 
 def _check_data_dir(data_dir: str) -> None:
   """A data_dir that is a file, or lies in one, is a mistake that tfds would report as a dataset to download."""
@@ -218,7 +238,7 @@ def get(dataset: str, data_dir: str | None = None) -> Source:
     raise ValueError(f'dataset must be a tfds name, fashion_mnist or {IMAGEFOLDER_PREFIX}<root>, got {dataset!r}')
   if dataset.startswith(IMAGEFOLDER_PREFIX):
     return ImageFolderSource(dataset[len(IMAGEFOLDER_PREFIX):])
-  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  data_dir = paths.resolve(data_dir) or default_data_dir()
   _check_data_dir(data_dir)
   if dataset == fashion_mnist.FashionMnist.name:
     return TfdsSource(dataset, fashion_mnist.builder(data_dir), data_dir)

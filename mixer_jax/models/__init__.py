@@ -24,6 +24,8 @@ from mixer_jax.models import layers
 from mixer_jax.models.layers import pair
 from mixer_jax.models.mlp_mixer import MlpMixer
 
+# Options that change how a model runs (precision, memory, kernels), not the function it computes.
+RUN_OPTIONS = ('dtype', 'param_dtype', 'remat', 'scan_blocks', 'depthwise', 'attention_impl')
 # Compute and parameter dtypes a config may name (LayerNorm, softmax and the loss stay float32 whatever is set).
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -97,6 +99,17 @@ def options(name: str) -> list[str]:
   """The fields `create` accepts as overrides for this model."""
   fields = dataclasses.fields(variant(name).module)
   return [f.name for f in fields if f.name not in ('parent', 'name', 'num_classes')]
+
+
+def describe(name: str, options: dict) -> str:
+  """What model `name` built with `options` is: its name, and the architecture `options` that differ from the
+  registered variant's (e.g. the quickstart's small Mixer, "mixer_s16 with patch_size=7, hidden_dim=128, ...");
+  options that only change how it runs (RUN_OPTIONS) are left out."""
+  defaults = {f.name: f.default for f in dataclasses.fields(variant(name).module)} | variant(name).kwargs
+  changed = [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in options.items()
+             if k not in RUN_OPTIONS and k in defaults and v != defaults[k]
+             and not (isinstance(v, (list, tuple)) and tuple(v) == defaults[k])]
+  return f'{name} with {", ".join(changed)}' if changed else name
 
 
 def create(name: str, *, num_classes: int | None, platform: str | None = None, **overrides) -> nn.Module:
