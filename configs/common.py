@@ -32,10 +32,10 @@ DURATION_UNITS = ('steps', 'epochs', 'examples')
 
 
 def _durations(config: ConfigDict, name: str, **value):
-  """Adds the three typed placeholders of a duration; `value` sets one, e.g. steps=100."""
+  """Adds the three typed fields of a duration, None but for the one `value` sets, e.g. steps=100. Typed, so that a
+  recipe's None can be overridden (`--config.<name>_steps=...` replaces the recipe's unit, see mixer_jax/cli.py)."""
   for unit in DURATION_UNITS:
-    kind = float if unit == 'epochs' else int
-    setattr(config, f'{name}_{unit}', value.get(unit, placeholder(kind)))
+    setattr(config, f'{name}_{unit}', FieldReference(value.get(unit), float if unit == 'epochs' else int))
 
 
 # The speed and memory switches of each family's models, declared in `config.model` so the command line can set
@@ -149,8 +149,20 @@ def base_config() -> ConfigDict:
   return c
 
 
+class ArgumentsHelp(Exception):
+  """What `parse_arg('help')` raises instead of parsing: the recipe's arguments and defaults, which the command line
+  prints (`--config=configs/<recipe>.py:help`)."""
+
+  def __init__(self, defaults: dict):
+    super().__init__('arguments: ' + ', '.join(f'{k}={v!r}' for k, v in defaults.items()))
+    self.recipe_arguments = defaults
+
+
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
-  """Parses 'key=value,key=value' into the typed `defaults`; an unknown key or a malformed pair is an error."""
+  """Parses 'key=value,key=value' into the typed `defaults`; an unknown key or a malformed pair is an error, and
+  'help' lists the arguments (ArgumentsHelp)."""
+  if arg is not None and arg.strip() == 'help':
+    raise ArgumentsHelp(defaults)
   parsed = ConfigDict(defaults)
   for pair in filter(None, (arg or '').split(',')):
     key, sep, text = pair.partition('=')

@@ -33,9 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up chatter (the input benchmark)
-
-from mixer_jax import cli  # noqa: E402
+from mixer_jax import cli
 
 # (height, width) of common ImageNet photos: 500 x 375 / 333 at both orientations dominate; mean ~400 x 350.
 IMAGENET_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 500), (300, 400), (480, 640))
@@ -521,7 +519,7 @@ def _add_compile_parser(subparsers):
 
 
 def main(argv=None):
-  parser = cli.ArgumentParser(prog='python -m mixer_jax.bench', description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(prog='python -m mixer_jax.bench', description='\n\n'.join(__doc__.split('\n\n')[:2]))
   subparsers = parser.add_subparsers(dest='command', required=True)
   _add_model_parser(subparsers)
   _add_input_parser(subparsers)
@@ -537,7 +535,11 @@ def main(argv=None):
     cli.run(lambda: cli.check_output_file(args.jsonl, '--jsonl'))
   cli.run(lambda: args.run(args))
 
-if __name__ == '__main__':
-  cli.quiet_libtpu_probe()
+def script() -> None:
+  """`python -m mixer_jax.bench` (and the `mixer-jax-bench` command pyproject.toml installs)."""
   cli.preload_tcmalloc()
   main()
+
+
+if __name__ == '__main__':
+  script()

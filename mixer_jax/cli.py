@@ -21,6 +21,10 @@ _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/jax/_src/xla
 # should be), a diverging run. Anything else is a bug and keeps its stack.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 T = TypeVar('T')
+# The folder holding mixer_jax/ and configs/: the repository, or the installed distribution.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DURATION_UNITS = ('steps', 'epochs', 'examples')  # configs/common.py
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 
 def quiet_library_logs(handler: logging.Handler) -> None:
@@ -51,14 +55,31 @@ def did_you_mean(word: str, choices, prefix: str = '') -> str:
   return f' (did you mean {" or ".join(prefix + c for c in close)}?)' if close else ''
 
 
+class RecipeHelp(Exception):
+  """`--config=<recipe>:help`: the recipe's documentation and arguments, printed instead of running."""
+
+
+def recipe_path(path: str) -> str:
+  """`path` (`~` expanded); for a relative path that is not a file here, the project's own recipe of that name if
+  there is one, so `--config=configs/quickstart.py` works from any directory."""
+  path = os.path.expanduser(path)
+  if os.path.isabs(path) or os.path.isfile(path):
+    return path
+  bundled = os.path.join(ROOT, path)
+  return bundled if os.path.isfile(bundled) else path
+
+
 def load_recipe(spec: str):
   """The ConfigDict of `--config=<path>[:arg]`: the recipe file's get_config(arg) (get_config() without a colon,
   as ml_collections calls it), with each way that can fail (no file, a syntax error, no get_config, get_config
-  raising or returning something else) as one ValueError naming the recipe."""
+  raising or returning something else) as one ValueError naming the recipe. A recipe whose `parse_arg` was asked
+  for `help` (configs/common.py) raises RecipeHelp."""
   from ml_collections import ConfigDict
   path, colon, arg = spec.partition(':')
+  path = recipe_path(path)
   if not os.path.isfile(path):
-    recipes = ', '.join(p for p in sorted(glob.glob('configs/*.py')) if 'def get_config' in pathlib.Path(p).read_text())
+    recipes = ', '.join(os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+                        if 'def get_config' in pathlib.Path(p).read_text())
     raise ValueError(f'--config={spec}: no recipe file {path!r} (recipes: {recipes})')
   try:
     with open(path) as f:
@@ -74,6 +95,9 @@ def load_recipe(spec: str):
       raise ValueError(f'{path} defines no get_config(arg) function')
     config = module['get_config'](arg) if colon else module['get_config']()
   except Exception as error:  # whatever the recipe raises is the recipe's message
+    if hasattr(error, 'recipe_arguments'):
+      shown = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+      raise RecipeHelp(_recipe_help(shown, module.get('__doc__'), error.recipe_arguments)) from None
     text = str(error).strip().replace('\n', ' ')
     if not isinstance(error, USER_ERRORS):
       text = f'{type(error).__name__}: {text}'
@@ -81,6 +105,12 @@ def load_recipe(spec: str):
   if not isinstance(config, ConfigDict):
     raise ValueError(f'--config={spec}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict')
   return config
+
+
+def _recipe_help(path: str, doc: str | None, arguments: dict) -> str:
+  listed = '\n'.join(f'  {key}={value!r}' for key, value in arguments.items())
+  return (f'{(doc or path).strip()}\n\narguments of {path} (--config={path}:key=value,...), with their defaults:\n'
+          f'{listed}\nAny config field can be set too: --config.<field>=value (--print_config lists them).')
 
 
 def check_overrides(config, argv: list[str]) -> None:
@@ -103,8 +133,27 @@ def check_overrides(config, argv: list[str]) -> None:
       walked.append(part)
 
 
+def wants_help(argv: list[str]) -> bool:
+  return any(arg in HELP_FLAGS for arg in argv[1:])
+
+
+def _print_usage(flag_values, argv: list[str]) -> None:
+  """The command's docstring and flags: those of the module that defined them (train.py run as a script or as the
+  installed `mixer-jax-train`) and the ones it adopted; --helpfull adds absl's."""
+  commands = [m for m in flag_values.flags_by_module_dict() if not m.startswith(('absl', __name__))]
+  if not commands:
+    return
+  command = sys.modules.get(commands[0]) or sys.modules['__main__']  # absl names a script's module by its path
+  doc = command.__doc__ or ''
+  print(f'{doc.strip()}\n\n{flag_values.get_help() if "--helpfull" in argv else flag_values.module_help(commands[0])}')
+
+
 def parse_flags(flag_values, argv: list[str]) -> list[str]:
-  """absl flag parsing of `argv` into `flag_values`, a malformed value or an unknown or missing flag on one line."""
+  """absl flag parsing of `argv` into `flag_values`, a malformed value or an unknown or missing flag on one line.
+  --help prints the command's documentation and flags and exits 0 (absl's own exits 1)."""
+  if wants_help(argv):
+    _print_usage(flag_values, argv)
+    sys.exit(0)
   try:
     return flag_values(argv)
   except absl_flags.Error as error:
@@ -113,16 +162,53 @@ def parse_flags(flag_values, argv: list[str]) -> list[str]:
 
 def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
   """`parse_flags` for commands with a `--config` recipe: the recipe is loaded and the overridden fields are looked
-  up first (`load_recipe`, `check_overrides`), so what ml_collections and absl report is only a malformed value."""
-  spec = next((a.partition('=')[2] for a in reversed(argv) if a.startswith('--config=')), None)
-  if spec is not None:
-    try:
-      check_overrides(load_recipe(spec), argv)
-    except ValueError as error:
-      if '--traceback' in argv:
-        raise
-      sys.exit(f'error: {error}')
-  return parse_flags(flag_values, argv)
+  up first (`load_recipe`, `check_overrides`), so what ml_collections and absl report is only a malformed value.
+  `--config=<recipe>:help` prints the recipe's arguments and exits 0; --help prints them after the command's own.
+
+  A relative recipe path that is not a file here names the project's own recipe (`recipe_path`): the `--config=`
+  argument is rewritten in `argv` itself, the list ml_collections reads the `--config.<field>` overrides from.
+  A duration overridden in another unit than the recipe's replaces it (`prefer_command_line_durations`)."""
+  index = next((i for i in reversed(range(len(argv))) if argv[i].startswith('--config=')), None)
+  if index is None:
+    return parse_flags(flag_values, argv)
+  path, colon, arg = argv[index][len('--config='):].partition(':')
+  spec = f'{recipe_path(path)}{colon}{arg}'
+  argv[index] = f'--config={spec}'
+  if wants_help(argv):
+    _print_usage(flag_values, argv)
+    spec = spec.partition(':')[0] + ':help'
+  try:
+    check_overrides(load_recipe(spec), argv)
+  except RecipeHelp as recipe_help:
+    print(f'\n{recipe_help}' if wants_help(argv) else recipe_help)
+    sys.exit(0)
+  except ValueError as error:
+    if '--traceback' in argv:
+      raise
+    sys.exit(f'error: {error}')
+  if wants_help(argv):  # a recipe of the user's that takes no arguments
+    sys.exit(0)
+  rest = parse_flags(flag_values, argv)
+  prefer_command_line_durations(flag_values.config, argv)
+  return rest
+
+
+def prefer_command_line_durations(config, argv: list[str]) -> None:
+  """A duration set on the command line in one unit replaces the recipe's in another: `--config.total_steps=300`
+  on a recipe of `total_epochs` makes a short run instead of a duration given twice (configs/common.py)."""
+  given = {m.group(1) for m in (re.match(r'--config\.([\w.]+)=', a) for a in argv) if m}
+  for field in given:
+    *groups, last = field.split('.')
+    name, _, unit = last.rpartition('_')
+    node = config
+    for group in groups:
+      node = node.get(group) if hasattr(node, 'get') else None
+    if unit not in DURATION_UNITS or not hasattr(node, 'keys') or last not in node:
+      continue
+    for other in DURATION_UNITS:
+      replaced = '.'.join([*groups, f'{name}_{other}'])
+      if other != unit and replaced not in given and node.get(f'{name}_{other}') is not None:
+        node[f'{name}_{other}'] = None
 
 
 def load_config(args: list[str]):
@@ -139,9 +225,24 @@ def load_config(args: list[str]):
   return flag_values.config
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """The description as written (a module docstring), and each option's default after its help."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if (action.option_strings and not action.required and action.default not in (None, False, argparse.SUPPRESS)
+        and 'default' not in text):
+      text += ' (default: %(default)s)'
+    return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse whose usage errors are one line, `error: <command>: <what>`, with exit status 1, as every other bad
-  input (argparse's own prints the usage and exits 2)."""
+  input (argparse's own prints the usage and exits 2); --help shows the description as written and the defaults."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault('formatter_class', _HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     sys.exit(f'error: {self.prog}: {message} (--help lists the options)')
@@ -193,9 +294,10 @@ _NO_TPU_HOST = (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost
 
 
 def quiet_libtpu_probe() -> None:
-  """Call before JAX loads. Where libtpu is installed but no TPU is attached (no /dev/accel*, /dev/vfio/<n>), JAX
-  still loads libtpu, which asks the cloud metadata server about TPU hosts and prints a page of warnings before
-  JAX falls back to the CPU or GPU; telling it there are none keeps every command's output clean."""
+  """Runs when the package is imported (mixer_jax/__init__.py), before JAX loads a backend. Where libtpu is
+  installed but no TPU is attached (no /dev/accel*, /dev/vfio/<n>), JAX still loads libtpu, which asks the cloud
+  metadata server about TPU hosts and prints a page of warnings before JAX falls back to the CPU or GPU; telling it
+  there are none keeps the output of every command and of the Python API clean."""
   if not (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
     for key, value in _NO_TPU_HOST:
       os.environ.setdefault(key, value)

@@ -8,6 +8,7 @@
 # disk or GCS. The default mesh (-1, 1, 1) is data parallel over all visible GPUs; restrict them with
 # CUDA_VISIBLE_DEVICES.
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set /{/^#\( \|$\)/s/^# \{0,1\}//p}' "$0"; exit 0; fi
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = setup ]; then
   make venv && .venv/bin/pip install "jax[cuda12]==0.10.2"

@@ -24,7 +24,9 @@
 # Every worker runs the same command; jax.distributed.initialize() finds the pod by itself, each host reads its
 # own slice of the data, and process 0 writes logs and metrics.
 set -euo pipefail
-action=${1:?setup, check, train or eval}; tpu=${2:?TPU name}; zone=${3:?zone}; shift 3
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set /{/^#\( \|$\)/s/^# \{0,1\}//p}' "$0"; exit 0; fi
+if (( $# < 3 )); then echo "usage: $0 setup|check|train|eval TPU_NAME ZONE [ARGS...] (--help explains)" >&2; exit 2; fi
+action=$1; tpu=$2; zone=$3; shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
 on_all() { gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command="$1"; }
 

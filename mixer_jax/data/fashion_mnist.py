@@ -11,9 +11,13 @@ Processes sharing a data_dir may prepare at the same time: the first to finish w
 
 This module owns the IDX reader and the builder; it never touches the network (`try_download_gcs=False`).
 """
+import contextlib
 import gzip
+import io
+import logging as std_logging
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -104,7 +108,9 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def builder(data_dir: str, idx_dir_override: str | None = None) -> FashionMnist:
   """The builder over `data_dir`, prepared from the IDX files first if it is not yet."""
   b = FashionMnist(data_dir=data_dir, idx_dir=idx_dir_override)
-  if not b.is_prepared():
+  with _quiet_tfds():  # a folder being prepared, by this process or another, is no news
+    prepared = b.is_prepared()
+  if not prepared:
     directory = idx_dir(idx_dir_override)
     missing = missing_files(directory)
     if missing:
@@ -112,9 +118,27 @@ def builder(data_dir: str, idx_dir_override: str | None = None) -> FashionMnist:
           f'Fashion-MNIST is not prepared in {data_dir} and its IDX files are missing from {directory} '
           f'({", ".join(missing)}): run `apt-get install dataset-fashion-mnist`, or set {IDX_DIR_ENV} to a '
           'folder holding the four files')
+    logging.info('preparing Fashion-MNIST in %s from the IDX files in %s (once)', data_dir, directory)
     try:
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      with _quiet_tfds():
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except FileExistsError:  # another process sharing data_dir finished first; its files are the same
       b = FashionMnist(data_dir=data_dir, idx_dir=idx_dir_override)
   return b
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Without tfds's account of preparing (progress bars, its "Downloading and preparing" and done lines, warnings
+  about the folder being filled): the builder logs one line of its own; errors still raise."""
+  tfds.display_progress_bar(False)
+  quiet = lambda record: 'Variant folder' not in record.getMessage()
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(quiet)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logger.removeFilter(quiet)
+    tfds.display_progress_bar(True)
 
