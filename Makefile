@@ -11,10 +11,13 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_op
 
 venv: $(VENV)/.runtime
 
-# Re-install whenever a requirements file changes. The runtime set is enough to train; tests add torch/timm.
-$(VENV)/.runtime: requirements.txt
+# Re-install whenever a requirements file changes. The runtime set is enough to train; tests add torch/timm. The
+# project itself is installed editable (pyproject.toml: no copy, its dependencies are the pins above), so its
+# commands and `import mixer_jax` work from any directory.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
@@ -40,9 +43,10 @@ test: $(VENV)/.installed debian-packages
 test-fast: $(VENV)/.installed debian-packages
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
 
-# The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy.
+# The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy. ARGS go to train.py,
+# e.g. make quickstart ARGS=--config.total_steps=300 (a short run; tests/test_docs.py runs it so).
 quickstart: $(VENV)/.runtime debian-packages
-	$(PY) train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+	$(PY) train.py --config=configs/quickstart.py --workdir=workdirs/quickstart $(ARGS)
 
 # Step speed of every family's flagship variants on this machine's devices (BENCHMARKS.md): tables on stdout,
 # JSON lines in bench.jsonl. Sized for a CPU, where full-size ConvMixers use the grouped depthwise convolution
