@@ -67,11 +67,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def evaluations(fv, run: dict | None) -> list:
-  """What to evaluate. A training workdir: its own evaluations, those of --dataset / --split if given; a dataset or
-  split it never evaluated (named after its split) takes the pre-processing of its evaluation of the same dataset
-  (else its first). Anything
-  else: --dataset / --split (default imagenet2012 validation) with the preset. --pp, --data_dir and --batch_size
-  replace what they name."""
+  """The `inference.Evaluation`s the flags `fv` ask for. A training workdir (`run`, its config.json): its own
+  evaluations, or those of --dataset / --split if given; a dataset or split it never evaluated (named after its
+  split) takes the pre-processing of its evaluation of the same dataset, else of its first. Anything else:
+  --dataset / --split (default imagenet2012 validation), pre-processed as `inference.preset_pp` says. --pp,
+  --data_dir and --batch_size replace what they name."""
   from mixer_jax import inference
   from mixer_jax.data import sources
   dataset = sources.resolve(fv.dataset)

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from mixer_jax import cli
+from mixer_jax import cli, paths
 
 # (height, width) of common ImageNet photos: 500 x 375 / 333 at both orientations dominate; mean ~400 x 350.
 IMAGENET_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 500), (300, 400), (480, 640))
@@ -531,6 +531,9 @@ def main(argv=None):
     rest = [a for a in rest if not a.startswith('--config')]
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
+  for path in ('jsonl', 'workdir'):  # ~, relative (mixer_jax/paths.py)
+    if getattr(args, path, None):
+      setattr(args, path, paths.resolve(getattr(args, path)))
   if getattr(args, 'jsonl', None):
     cli.run(lambda: cli.check_output_file(args.jsonl, '--jsonl'))
   cli.run(lambda: args.run(args))
