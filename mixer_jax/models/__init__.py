@@ -106,7 +106,7 @@ def describe(name: str, options: dict) -> str:
   registered variant's (e.g. the quickstart's small Mixer, "mixer_s16 with patch_size=7, hidden_dim=128, ...");
   options that only change how it runs (RUN_OPTIONS) are left out."""
   defaults = {f.name: f.default for f in dataclasses.fields(variant(name).module)} | variant(name).kwargs
-  changed = [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in options.items()
+  changed = [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in sorted(options.items())
              if k not in RUN_OPTIONS and k in defaults and v != defaults[k]
              and not (isinstance(v, (list, tuple)) and tuple(v) == defaults[k])]
   return f'{name} with {", ".join(changed)}' if changed else name
