@@ -10,7 +10,8 @@ them.
 The checkpoint is read as eval.py reads it (mixer_jax/inference.py). A training workdir runs its own model on
 images pre-processed as its first evaluation pre-processed them, and its training dataset names the classes.
 Any other checkpoint takes the --pretrained entry's pre-processing or its family's evaluation preset, and
---dataset names its classes (by default ImageNet's WordNet ids for a 1000-class head). Only the image ops of the
+--dataset names its classes (by default ImageNet's WordNet ids for a 1000-class head); classes whose names cannot
+be read by default go by number. Only the image ops of the
 pre-processing run (its label ops, onehot and keep, are left out); --pp replaces them. Scores are the softmax of
 the logits (the sigmoid for a run trained with sigmoid_xent). Every error is one line, `error: ...`, with exit
 status 1.
@@ -77,12 +78,16 @@ def classify(args) -> list[dict]:
   model = restored.model
   evaluations = inference.run_evaluations(run) if run is not None else []
   pp = args.pp or (evaluations[0].pp if evaluations else inference.preset_pp(restored, name, entry))
-  dataset, data_dir = args.dataset, paths.resolve(args.data_dir)
-  if dataset is None and run is not None:
-    dataset, data_dir = run['input']['dataset'], data_dir or paths.resolve(run['input'].get('data_dir'))
-  elif dataset is None and restored.num_classes == 1000:
-    dataset = 'imagenet2012'
-  names = class_names(dataset, data_dir, restored.num_classes)
+  data_dir = paths.resolve(args.data_dir)
+  if args.dataset:
+    names = class_names(args.dataset, data_dir, restored.num_classes)
+  else:  # the run's training data, or ImageNet's ids: where they cannot be read, the classes go by number
+    dataset = run['input']['dataset'] if run is not None else 'imagenet2012' if restored.num_classes == 1000 else None
+    data_dir = data_dir or paths.resolve((run or {}).get('input', {}).get('data_dir'))
+    try:
+      names = class_names(dataset, data_dir, restored.num_classes)
+    except (ValueError, OSError):
+      names = None
   images = load_images([paths.resolve(f) for f in args.images], image_pipeline(pp),
                        (restored.resolution, restored.resolution, model.in_channels))
 
