@@ -10,11 +10,10 @@ them.
 The checkpoint is read as eval.py reads it (mixer_jax/inference.py). A training workdir runs its own model on
 images pre-processed as its first evaluation pre-processed them, and its training dataset names the classes.
 Any other checkpoint takes the --pretrained entry's pre-processing or its family's evaluation preset, and
---dataset names its classes (by default ImageNet's WordNet ids for a 1000-class head); classes whose names cannot
-be read by default go by number. Only the image ops of the
-pre-processing run (its label ops, onehot and keep, are left out); --pp replaces them. Scores are the softmax of
-the logits (the sigmoid for a run trained with sigmoid_xent). Every error is one line, `error: ...`, with exit
-status 1.
+--dataset names its classes (by default ImageNet's WordNet ids for a 1000-class head); where the default names
+cannot be read, the classes go by number. Only the image ops of the pre-processing run (its label ops, onehot and
+keep, are left out); --pp replaces them. Scores are the softmax of the logits (the sigmoid for a run trained with
+sigmoid_xent). Every error is one line, `error: ...`, with exit status 1.
 """
 import json
 import os
