@@ -11,9 +11,8 @@ The checkpoint is any format mixer_jax.convert reads: Google .npz, timm .safeten
 workdir. A workdir is evaluated as its run evaluated it: its config.json names the model with its options and
 the run's evaluations (`config.evals`: dataset, split, pre-processing, batch size), and --dataset / --split choose
 among them, or give data the run never evaluated, pre-processed as the run's evaluation of that dataset (else its
-first). Any other
-checkpoint is evaluated on --dataset / --split (default ImageNet validation) with the --pretrained entry's
-pre-processing or the model family's eval preset at the model's resolution. --pp replaces either (a --pp that
+first). Any other checkpoint is evaluated on --dataset / --split (default ImageNet validation) with the
+--pretrained entry's pre-processing or the model family's eval preset at the model's resolution. --pp replaces either (a --pp that
 differs from the run's is noted in the log). Each evaluation logs the pre-processing it used. Every example counts
 exactly once, sharded over all devices; the results are printed as JSON (`evals`: one entry per evaluation, named
 as the run named it, else after the split) and, with --output, written to a file.
@@ -176,7 +175,7 @@ class Plan(NamedTuple):
   options: dict  # the model's, from the flags, the entry and the workdir's config.json
   given: dict  # --model_options alone
   mesh: Any
-  evaluations: list  # inference.Evaluation
+  evaluations: dict  # inference.Evaluation -> its dataset's mixer_jax.data.sources source
   probes: dict  # few-shot probe name -> (dataset, train split, test split)
   shots: tuple[int, ...]
 
@@ -204,10 +203,10 @@ def check_arguments(fv) -> Plan:
   config_path = os.path.join(paths.resolve(fv.checkpoint), convert.RUN_CONFIG)
   convert.check_model(name, given, '--model' if run is None else config_path)
   mesh = sharding.make_mesh((-1, 1, 1))
-  chosen = evaluations(fv, run)
-  for evaluation in chosen:
+  chosen = {}
+  for evaluation in evaluations(fv, run):
     sharding.check_batch_size(evaluation.batch_size, mesh)
-    source = dataset_source(evaluation.dataset, (evaluation.split,), evaluation.data_dir)
+    source = chosen[evaluation] = dataset_source(evaluation.dataset, (evaluation.split,), evaluation.data_dir)
     if evaluation.pp:
       data.ops.parse(evaluation.pp)
     elif fv.label_key not in source.features():  # the preset pp one-hots it
@@ -230,7 +229,6 @@ def check_arguments(fv) -> Plan:
 def evaluate_checkpoint(flag_values) -> dict:
   import jax
   from mixer_jax import inference, models, sharding
-  from mixer_jax.data import sources
   from mixer_jax.evaluators import classification, fewshot
   fv = flag_values
   entry, name, options, given, mesh, chosen, probes, shots = check_arguments(fv)
@@ -249,10 +247,10 @@ def evaluate_checkpoint(flag_values) -> dict:
                                                                batch_size=inference.DEFAULT_BATCH_SIZE,
                                                                loss='softmax_xent'))
   evaluators = {}
-  for e in chosen:
+  for e, data_source in chosen.items():
     pp, source = e.pp, '--pp' if fv.pp else 'the run\'s'
     if pp is None:
-      dataset_classes = sources.get(e.dataset, e.data_dir).label_classes(fv.label_key)
+      dataset_classes = data_source.label_classes(fv.label_key)
       if dataset_classes and dataset_classes > num_classes:
         raise ValueError(f'--dataset={e.dataset} has {dataset_classes} classes but {fv.checkpoint} has a '
                          f'{num_classes}-class head: evaluate it on the dataset it was trained for')

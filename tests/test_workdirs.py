@@ -143,7 +143,7 @@ def test_config_json_names_absolute_paths_and_init_may_be_relative(inside, monke
   assert saved['input']['dataset'] == f'imagefolder:{photos}'
   assert saved['input']['data_dir'] is None  # not given: the default, resolved when read
   monkeypatch.chdir('/')
-  results = eval_py.command(['eval.py', '--checkpoint=~/work/finetuned'])
+  results = eval_py.command(['eval.py', f'--checkpoint={home}/work/finetuned/'])
   assert results['evals']['test']['dataset'] == f'imagefolder:{photos}' and results['evals']['test']['count'] == 10
 
 
