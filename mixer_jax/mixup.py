@@ -8,10 +8,14 @@ calls `mix` and then `random_erasing` on the normalised global batch, inside jit
 mixed with its reverse: mixup (x = lam*x + (1-lam)*x[::-1]) or, with probability `switch_prob` when both alphas are
 positive, cutmix (a box of area ~(1-lam) pasted from x[::-1], lam then corrected to the box's real area:
 correct_lam). lam ~ Beta(alpha, alpha) of the chosen method; labels mix with the same lam. A group is the whole
-global batch (group_size None) or each run of `group_size` consecutive examples, with its own lam, method and box
-(timm's per-GPU batches); either way the result does not depend on the sharding. Groups that divide the
-per-device batch are mixed without moving images between devices (the compiled step reduces only the Beta
-sampler's scalar loop conditions across them); the whole batch's reverse is a collective permute.
+global batch (group_size None) or `group_size` examples with their own lam, method and box (timm's per-GPU
+batches). The train step lays groups out by the per-device batch (`pairing`): as runs of consecutive examples where
+a group fits on one device, so no image moves between devices (the compiled step reduces only the Beta sampler's
+scalar loop conditions across them); as pairs of the whole batch's mirror images (i, B-1-i) where groups would
+straddle devices, which costs the one collective permute of the global batch's reverse and nothing more. Runs
+straddling devices instead made the partitioner materialise several times the batch (ConvMixer-1536/20 at 20
+images per TPU core: 62.8 GiB of temporaries against 9.4). The result depends on the data-parallel size only
+through that choice.
 
 `random_erasing` is timm.data.RandomErasing with one box (count 1) per image: with probability `prob`, up to 10
 tries of area uniform(area_min, area_max)*H*W and aspect exp(uniform(log ratio_min, log ratio_max)); the first
@@ -35,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ERASE_MODES = ('const', 'rand', 'pixel')
 _ERASE_TRIES = 10  # timm's attempts per box
@@ -59,43 +64,80 @@ def _params(rng, height: int, width: int, *, mixup_alpha: float, cutmix_alpha: f
 
 
 def _cutmix_mask(lam, centre, height: int, width: int):
-  """timm's rand_bbox: a box of side sqrt(1-lam) times the image's around `centre`, clipped at the edges."""
+  """timm's rand_bbox: a box of side sqrt(1-lam) times the image's around `centre`, clipped at the edges. lam and
+  the centre's coordinates are scalars (an (H, W) mask) or one per example (a (B, H, W) mask)."""
   ratio = jnp.sqrt(1.0 - lam)
   cut_h, cut_w = (height * ratio).astype(jnp.int32), (width * ratio).astype(jnp.int32)
   cy, cx = centre
-  yl, yh = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
-  xl, xh = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  clip = lambda x, n: jnp.clip(x, 0, n)[..., None, None]
+  yl, yh = clip(cy - cut_h // 2, height), clip(cy + cut_h // 2, height)
+  xl, xh = clip(cx - cut_w // 2, width), clip(cx + cut_w // 2, width)
   rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
   return (rows >= yl) & (rows < yh) & (cols >= xl) & (cols < xh)
 
 
-def _mix_group(rng, images, labels, **options):
-  lam, use_cutmix, centre = _params(rng, images.shape[1], images.shape[2], **options)
-  reversed_images = images[::-1]
-  box = _cutmix_mask(lam, centre, images.shape[1], images.shape[2]) & use_cutmix
-  lam = jnp.where(use_cutmix, 1.0 - box.mean(), lam)  # correct_lam: the box may be clipped at the edges
-  mixed = jnp.where(use_cutmix, jnp.where(box[None, :, :, None], reversed_images, images),
-                    lam * images + (1.0 - lam) * reversed_images)
-  return mixed.astype(images.dtype), lam * labels + (1.0 - lam) * labels[::-1]
+PAIRINGS = ('runs', 'mirrored')
+
+
+def pairing(group_size: int | None, per_device_batch: int) -> str:
+  """How groups are laid out on a batch split over devices in runs of `per_device_batch`: 'runs' where each group
+  lies within one device (no image moves between devices), else 'mirrored' (the whole batch's reverse: one
+  collective permute, as global mixing takes, at any per-device batch). Odd groups cannot be mirrored."""
+  if group_size is None or per_device_batch % group_size == 0 or group_size % 2:
+    return 'runs'
+  return 'mirrored'
+
+
+def _group_of(batch: int, group_size: int, layout: str) -> np.ndarray:
+  """The group of each example: consecutive runs, or pairs (i, batch-1-i) taken group_size/2 at a time."""
+  if layout == 'runs':
+    return np.arange(batch) // group_size
+  pair = np.minimum(np.arange(batch), batch - 1 - np.arange(batch))
+  return pair // (group_size // 2)
 
 
 def mix(rng, images, labels, *, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float,
-        group_size: int | None = None):
+        group_size: int | None = None, layout: str = 'runs'):
   """(images, labels) mixed as timm does per batch, per group of `group_size` examples (None: the whole batch);
-  a no-op when both alphas are 0. One group uses `rng` itself, so group_size = batch is the same as None."""
+  a no-op when both alphas are 0. One group uses `rng` itself, so group_size = batch is the same as None.
+
+  Each group has its own draws (lam, mixup or cutmix, box) and each example is mixed with its partner in its
+  group, which is its mirror image in the group's order. `layout` says which examples form a group:
+  'runs': each run of group_size consecutive examples, reversed within itself (timm's per-GPU batches);
+  'mirrored': example i and its partner batch-1-i (the whole batch reversed, as global mixing pairs them), the
+  pairs (i, batch-1-i), i < batch/2, taken group_size/2 at a time in order of i. Shuffled data makes the two
+  alike in distribution; `pairing` picks the one that moves fewer images between devices.
+  """
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, labels
-  mix_group = functools.partial(_mix_group, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
-                                switch_prob=switch_prob)
+  if layout not in PAIRINGS:
+    raise ValueError(f'mixup layout {layout!r} is not one of {PAIRINGS}')
+  draws = functools.partial(_params, height=images.shape[1], width=images.shape[2], mixup_alpha=mixup_alpha,
+                            cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob)
   batch = images.shape[0]
   if group_size is None or group_size == batch:
-    return mix_group(rng, images, labels)
-  if group_size < 1 or batch % group_size:
-    raise ValueError(f'mixup group_size={group_size} does not divide the batch of {batch} examples')
-  groups = batch // group_size
-  split = lambda x: x.reshape(groups, group_size, *x.shape[1:])
-  mixed, mixed_labels = jax.vmap(mix_group)(jax.random.split(rng, groups), split(images), split(labels))
-  return mixed.reshape(images.shape), mixed_labels.reshape(labels.shape)
+    lam, use_cutmix, centre = draws(rng)  # scalars: one (H, W) box serves the batch
+    partner = lambda x: x[::-1]
+  else:
+    if group_size < 1 or batch % group_size or (layout == 'mirrored' and group_size % 2):
+      raise ValueError(f'mixup group_size={group_size} does not divide the batch of {batch} examples'
+                       + (' into pairs' if batch % group_size == 0 else ''))
+    groups = batch // group_size
+    # per example, from its group's draws (tiny gathers of constants)
+    group_of = _group_of(batch, group_size, layout)
+    lam, use_cutmix, centre = jax.tree.map(lambda d: d[group_of], jax.vmap(draws)(jax.random.split(rng, groups)))
+    if layout == 'runs':
+      partner = lambda x: x.reshape(groups, group_size, *x.shape[1:])[:, ::-1].reshape(x.shape)
+    else:
+      partner = lambda x: x[::-1]
+  box = _cutmix_mask(lam, centre, images.shape[1], images.shape[2]) & use_cutmix[..., None, None]
+  lam = jnp.where(use_cutmix, 1.0 - box.mean((-2, -1)), lam)  # correct_lam: the box may be clipped at the edges
+  per_image = lambda x: x.reshape(x.shape + (1,) * (images.ndim - 1)) if x.ndim else x
+  per_label = lambda x: x[..., None] if x.ndim else x
+  partner_images = partner(images)
+  mixed = jnp.where(per_image(use_cutmix), jnp.where(box[..., None], partner_images, images),
+                    per_image(lam) * images + (1.0 - per_image(lam)) * partner_images)
+  return mixed.astype(images.dtype), per_label(lam) * labels + (1.0 - per_label(lam)) * partner(labels)
 
 
 class _ErasingDraws(NamedTuple):

@@ -158,11 +158,13 @@ def make_train_step(model, tx, lr_fn, config, mesh, shardings):
     correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
     return loss, correct, new_stats, grads
 
+  mix_layout = mixup.pairing(config.mixup.group_size, config.input.batch_size // sharding.data_parallel_size(mesh))
+
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     mix_rng, dropout_rng = jax.random.split(rng)
     labels = losses.smooth_labels(batch['labels'], config.label_smoothing)
-    images, labels = mixup.mix(mix_rng, batch['image'], labels, **config.mixup.to_dict())
+    images, labels = mixup.mix(mix_rng, batch['image'], labels, **config.mixup.to_dict(), layout=mix_layout)
     if config.random_erasing.prob > 0:  # after mixup, as timm's loader; off: nothing traced, the keys unchanged
       # split(rng, 3)[2] is independent of mix_rng and dropout_rng under either threefry mode (fold_in(rng, 1)
       # would be dropout_rng itself under the default partitionable one)

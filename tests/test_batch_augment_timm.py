@@ -41,20 +41,28 @@ def timm_mix(images, targets, draws, classes):
   return x.numpy().transpose(0, 2, 3, 1), target.numpy()
 
 
-def test_grouped_mix_is_timm_batch_mixup_on_each_group():
-  """4 groups of 4; the key is chosen so the draws hold a mixup group, two cutmix groups with boxes clipped at the
-  edges and an unmixed group. Their cuts are even: the installed timm ends the box at cy + (cut+1)//2, one row
-  (column) past the runs' timm and ours for odd cuts (mixup.py); on even cuts the two agree."""
+# The examples of each group of 4 in a batch of 16, in the order timm's per-GPU batch would hold them.
+GROUPS = {'runs': np.split(np.arange(16), 4),
+          'mirrored': [np.array([0, 1, 14, 15]), np.array([2, 3, 12, 13]), np.array([4, 5, 10, 11]),
+                       np.array([6, 7, 8, 9])]}
+
+
+@pytest.mark.parametrize('layout', mixup.PAIRINGS)
+def test_grouped_mix_is_timm_batch_mixup_on_each_group(layout):
+  """4 groups of 4, as runs of consecutive examples or as mirrored pairs; the key is chosen so the draws hold a
+  mixup group, two cutmix groups with boxes clipped at the edges and an unmixed group. Their cuts are even: the
+  installed timm ends the box at cy + (cut+1)//2, one row (column) past the runs' timm and ours for odd cuts
+  (mixup.py); on even cuts the two agree."""
   images = np.random.default_rng(0).standard_normal((16, 6, 10, 3)).astype(np.float32)
   targets = np.arange(16) % 5
 
   def run(rng, images, labels):  # mix, and the draws of its groups (mix's key per group: split(rng, groups))
-    return (mixup.mix(rng, images, labels, **MIX, group_size=4),
+    return (mixup.mix(rng, images, labels, **MIX, group_size=4, layout=layout),
             jax.vmap(lambda k: mixup._params(k, 6, 10, **MIX))(jax.random.split(rng, 4)))
   (mixed, labels), (lam, use_cutmix, (cy, cx)) = jax.device_get(jax.jit(run)(
       jax.random.PRNGKey(190), images, np.eye(5, dtype=np.float32)[targets]))
   kinds = []
-  for g, part in enumerate(np.split(np.arange(16), 4)):
+  for g, part in enumerate(GROUPS[layout]):
     kinds.append('none' if lam[g] == 1 else 'cutmix' if use_cutmix[g] else 'mixup')
     if use_cutmix[g]:
       cut_h, cut_w = int(6 * math.sqrt(1 - lam[g])), int(10 * math.sqrt(1 - lam[g]))
@@ -64,8 +72,34 @@ def test_grouped_mix_is_timm_batch_mixup_on_each_group():
     # one float32 ulp: our corrected lam is 1 - mean(box) in float32, timm's is computed in float64
     np.testing.assert_allclose(labels[part], want_labels, rtol=0, atol=6e-8)
   assert sorted(kinds) == ['cutmix', 'cutmix', 'mixup', 'none']
-  with pytest.raises(ValueError, match='mixup group_size=6 does not divide the batch of 16 examples'):
-    mixup.mix(jax.random.PRNGKey(0), images, labels, **MIX, group_size=6)
+  with pytest.raises(ValueError, match='mixup group_size=6 does not divide the batch of 16 examples$'):
+    mixup.mix(jax.random.PRNGKey(0), images, labels, **MIX, group_size=6, layout=layout)
+  if layout == 'mirrored':
+    with pytest.raises(ValueError, match='mixup group_size=1 does not divide the batch of 16 examples into pairs'):
+      mixup.mix(jax.random.PRNGKey(0), images, labels, **MIX, group_size=1, layout=layout)
+
+
+def test_groups_straddling_devices_move_what_global_mixing_moves():
+  """On 8 devices of 6 examples, groups of 4 straddle devices: `pairing` mirrors them, and the compiled mixing
+  moves images between devices exactly as mixing the whole batch does (one collective permute of its reverse),
+  where runs of 4 would gather the whole batch on every device. Groups of 2 or 6 lie within a device and move
+  nothing."""
+  from mixer_jax import aot
+  assert [mixup.pairing(g, 6) for g in (None, 1, 2, 3, 4, 6, 8, 12)] == [
+      'runs', 'runs', 'runs', 'runs', 'mirrored', 'runs', 'mirrored', 'mirrored']
+  batch_sh = sharding.batch_sharding(sharding.make_mesh((8, 1, 1)))
+
+  def moved(group_size, layout=None):
+    layout = layout or mixup.pairing(group_size, 6)
+    fn = lambda rng, x, y: mixup.mix(rng, x, y, **MIX, group_size=group_size, layout=layout)
+    hlo = jax.jit(fn, in_shardings=(None, batch_sh, batch_sh), out_shardings=batch_sh).lower(
+        jax.random.PRNGKey(0), jnp.zeros((48, 4, 4, 3)), jnp.zeros((48, 5))).compile().as_text()
+    return {kind: c for kind, c in aot.collectives(hlo).items() if kind != 'all-reduce'}  # the sampler's flags
+  whole = moved(None)
+  assert set(whole) == {'collective-permute'}
+  assert moved(4) == moved(8) == whole
+  assert 'all-gather' in moved(4, 'runs')
+  assert moved(2) == moved(6) == {}
 
 
 def test_one_group_is_the_global_mixing():
