@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 
-.PHONY: bench quickstart test test-fast venv debian-packages
+.PHONY: bench gpu-compiler quickstart test test-fast venv debian-packages
 
 venv: $(VENV)/.runtime
 
@@ -24,6 +24,16 @@ $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# XLA:GPU's compiler (bench compile --topology=h100:8, the GPU compile tests), in a folder of its own that only
+# mixer_jax/gpus.py puts on the path: with JAX's CUDA plugin in the environment, every CPU run would probe for a GPU.
+GPU_COMPILER := $(VENV)/gpu-compiler
+gpu-compiler: $(GPU_COMPILER)/.installed
+$(GPU_COMPILER)/.installed: requirements-gpu-compile.txt $(VENV)/.runtime
+	rm -rf $(GPU_COMPILER)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(GPU_COMPILER) \
+	  -r requirements-gpu-compile.txt
+	touch $@
+
 # Debian packages: the real Fashion-MNIST (the offline default dataset) and tcmalloc, which train.py, eval.py and
 # the benchmark preload (mixer_jax/cli.py: under glibc's malloc every XLA:CPU step page-faults its temporaries).
 DEBIAN_PACKAGES := dataset-fashion-mnist libtcmalloc-minimal4
@@ -36,11 +46,11 @@ debian-packages:
 	  echo "not installed: run 'sudo apt-get install" $$missing"' (continuing without them)"; \
 	fi
 
-test: $(VENV)/.installed debian-packages
+test: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The suite without the tests marked slow (pytest.ini): for the edit-test loop; `make test` stays the CI command.
-test-fast: $(VENV)/.installed debian-packages
+test-fast: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy. ARGS go to train.py,

@@ -1,14 +1,18 @@
-"""Ahead-of-time compilation for TPUs this machine does not have: does a run fit, and how fast can it be?
+"""Ahead-of-time compilation for TPUs and GPUs this machine does not have: does a run fit, how fast can it be?
 
-libtpu's compiler runs on any Linux CPU. `compile_run(config, topology)` builds exactly what train.py builds
-from a config (`trainer.build`: model, optimizer, mesh, shardings, train and eval steps) over the devices of
-a TPU topology (`v3:8x8`, or the accelerator type `v3-128`), compiles its train and eval steps for abstract
-inputs (nothing is allocated, nothing runs, no data is read) and reads the compiled programs:
+libtpu's compiler runs on any Linux CPU, and so does XLA:GPU's (`mixer_jax.gpus`). `compile_run(config,
+topology)` builds exactly what train.py builds from a config (`trainer.build`: model, optimizer, mesh,
+shardings, train and eval steps) over the devices of a TPU topology (`v3:8x8`, or the accelerator type
+`v3-128`) or of GPU hosts (`h100:8`, `h100:2x8`, `a3-highgpu-8g`), compiles its train and eval steps for
+abstract inputs (nothing is allocated, nothing runs, no data is read) and reads the compiled programs:
 
-- memory: XLA's memory analysis per device (arguments, outputs, temporaries) against the device's HBM; a
-  program that does not fit is refused by the compiler itself, whose message gives what it needed;
-- cost: XLA:TPU's cost analysis per device (FLOPs, bytes of HBM traffic), next to `mixer_jax.flops`;
-- collectives: every all-reduce, all-gather, reduce-scatter, ... in the optimised HLO, with its result size;
+- memory: XLA's memory analysis per device (arguments, outputs, temporaries) against what a program may use
+  (a TPU's HBM; on a GPU, JAX's share of the card, `gpus.usable_gib`); XLA:TPU refuses a program that does not
+  fit, with what it needed, and XLA:GPU warns that it cannot reduce its memory below the limit;
+- cost: XLA's cost analysis per device (FLOPs, bytes of HBM traffic), next to `mixer_jax.flops` (on GPUs with
+  the library calls counted from their shapes, `gpus.step_cost`);
+- collectives: every all-reduce, all-gather, reduce-scatter, ... in the optimised HLO, with its result size
+  (on GPUs also the time they take at least over NVLink and the network, `gpus.collective_seconds`);
 - a roofline bound: a step can take no less than max(FLOPs / peak FLOP/s, bytes / HBM bandwidth), which
   caps images/s and MFU. It is a bound from the compiler's counts, not a measurement; XLA:TPU's own cost
   model (`optimal_seconds`, summed per operation) is reported beside it.
@@ -30,13 +34,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import checkpoint, config_checks, flops, models, sharding, trainer
+from mixer_jax import checkpoint, config_checks, flops, gpus, models, sharding, trainer
 
 NOMINAL_STEPS = 10_000
 
 
 class Chip(NamedTuple):
-  """One JAX device of a TPU generation: its HBM, dense bfloat16 peak and HBM bandwidth (Cloud TPU docs)."""
+  """One JAX device: the memory a program may use, dense bfloat16 peak and HBM bandwidth (for TPUs: Cloud TPU
+  docs; GPUs: `gpus.GPUS`)."""
   device_kind: str
   hbm_gib: float
   peak_tflops: float
@@ -131,16 +136,40 @@ def abstract_batch(model, config, mesh, *, eval_mask: bool = False) -> dict:
   return out
 
 
+class Target(NamedTuple):
+  """What a topology compiles for: its devices, their Chip, and for GPU hosts their description and the
+  compiler's options."""
+  devices: list
+  chip: Chip
+  gpu: gpus.Topology | None = None
+  compiler_options: dict | None = None
+
+
 class Compiled(NamedTuple):
   executable: Any  # None when the compiler refused the program
   seconds: float
   out_of_memory: str | None  # the compiler's message when the program does not fit
+  note: str | None = None  # how the program was compiled, where it differs from the default
 
 
-def _compile(step, *args) -> Compiled:
+def _compile(step, *args, target: Target) -> Compiled:
   start = time.perf_counter()
+  lowered = step.lower(*args)
+  if target.gpu:
+    options, note = target.compiler_options, None
+    try:
+      with gpus.compile_capturing_log() as log:
+        executable = lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as error:
+      if gpus.TRITON_TILING_FAILURE not in str(error):
+        raise
+      # without a device XLA:GPU cannot autotune, and its default Triton tiling fails for some GEMMs
+      options, note = dict(options, **gpus.CUBLAS_GEMMS), gpus.CUBLAS_NOTE
+      with gpus.compile_capturing_log() as log:
+        executable = lowered.compile(compiler_options=options)
+    return Compiled(executable, time.perf_counter() - start, gpus.out_of_memory(log), note)
   try:
-    executable = step.lower(*args).compile()
+    executable = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -169,7 +198,7 @@ COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'coll
                'collective-broadcast', 'ragged-all-to-all')
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
                 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%\S+ = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(', re.M)
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%\S+ = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\((.*)$', re.M)
 _ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r'|f8\w*)\[([\d,]*)\]')
 
 
@@ -178,24 +207,34 @@ def _array_bytes(shape_text: str) -> int:
              for dtype, dims in _ARRAY.findall(shape_text))
 
 
+def collective_ops(hlo_text: str) -> list[tuple[str, str, str, str]]:
+  """(result shape, kind, '-start' or '', the rest of the line) of each collective in an optimised HLO module."""
+  return _INSTRUCTION.findall(hlo_text)
+
+
+def collective_result_bytes(shape: str, kind: str, start: str) -> int:
+  """The size of a collective's result per device: the whole buffer of an all-reduce, the gathered array of an
+  all-gather, the shard each device keeps of a reduce-scatter."""
+  if start and kind in ('all-gather', 'collective-permute'):  # (operands, results[, contexts]) tuples
+    return _array_bytes(shape.split('), ')[-1] if kind == 'all-gather' else shape) // 2
+  return _array_bytes(shape)
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {'count', 'bytes'}} of the collectives in an optimised HLO module, per device. `bytes` is the size
-  of their results: the whole buffer of an all-reduce, the gathered array of an all-gather, the shard each
-  device keeps of a reduce-scatter. An instruction inside a loop counts once."""
+  """{kind: {'count', 'bytes'}} of the collectives in an optimised HLO module, per device, `bytes` being their
+  results' sizes (`collective_result_bytes`). An instruction inside a loop counts once."""
   out = {}
-  for shape, kind, start in _INSTRUCTION.findall(hlo_text):
-    size = _array_bytes(shape)
-    if start and kind in ('all-gather', 'collective-permute'):  # (operands, results[, contexts]) tuples
-      size = _array_bytes(shape.split('), ')[-1] if kind == 'all-gather' else shape) // 2
+  for shape, kind, start, _ in collective_ops(hlo_text):
     entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
     entry['count'] += 1
-    entry['bytes'] += size
+    entry['bytes'] += collective_result_bytes(shape, kind, start)
   return out
 
 
-def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analytic_flops_per_image: float,
-            scanned: bool) -> dict:
+def analyse(compiled: Compiled, *, target: Target, devices: int, batch: int, analytic_flops_per_image: float,
+            scanned: bool, hosts_of: list[int]) -> dict:
   """What the compiler says of one step, per device; see the module docstring."""
+  chip = target.chip
   row = dict(compile_s=round(compiled.seconds, 1), hbm_capacity_gib=chip.hbm_gib,
              analytic_gflops_per_image=analytic_flops_per_image / 1e9)
   if compiled.executable is None:
@@ -205,10 +244,16 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
       row.update(needed_gib=needed[0], available_gib=needed[1], over_gib=needed[0] - needed[1])
     return row
   memory = trainer.compiled_memory(compiled.executable)
-  row.update(fits=memory['step_gib'] <= chip.hbm_gib, **memory, free_gib=chip.hbm_gib - memory['step_gib'])
-  cost = compiled.executable.cost_analysis()
+  fits = memory['step_gib'] <= chip.hbm_gib and compiled.out_of_memory is None
+  row.update(fits=fits, **memory, free_gib=chip.hbm_gib - memory['step_gib'])
+  if compiled.out_of_memory:  # XLA:GPU compiled it anyway
+    row.update(compiler_message=compiled.out_of_memory)
+  if compiled.note:
+    row.update(compiler_note=compiled.note)
+  hlo = compiled.executable.as_text()
+  cost = gpus.step_cost(compiled.executable) if target.gpu else compiled.executable.cost_analysis()
   step_flops, step_bytes = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  comms = collectives(compiled.executable.as_text())
+  comms = collectives(hlo)
   per_image = devices / batch
   row.update(xla_gflops_per_device=step_flops / 1e9, xla_gflops_per_image=step_flops * per_image / 1e9,
              xla_over_analytic=step_flops * per_image / analytic_flops_per_image,
@@ -216,6 +261,11 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
              collectives=comms, collective_mb_per_device=sum(c['bytes'] for c in comms.values()) / 1e6,
              # its estimate overflows to negative values for the largest programs (Mixer-H/14 at 1,024 per chip)
              xla_optimal_ms=float(cost['optimal_seconds']) * 1e3 if cost.get('optimal_seconds', -1) > 0 else None)
+  if target.gpu:
+    calls = cost['library_calls']
+    row.update(library_calls=dict(count=calls['calls'], gflops_per_device=calls['flops'] / 1e9,
+                                  uncounted=sorted(set(calls['uncounted']))),
+               collective_time=gpus.collective_seconds(hlo, target.gpu, hosts_of))
   if scanned:  # the loop body is counted once: no bound from these counts
     row.update(roofline=None)
     return row
@@ -230,35 +280,59 @@ def analyse(compiled: Compiled, *, chip: Chip, devices: int, batch: int, analyti
   return row
 
 
+def target_of(topology: str, *, num_slices: int = 1) -> Target:
+  """The devices and figures of a TPU topology (`topology_name`) or of GPU hosts (`gpus.topology_name`)."""
+  if not gpus.is_gpu_topology(topology):
+    devices = topology_devices(topology, num_slices=num_slices)
+    return Target(devices, chip_of(devices[0]))
+  gpu_topology = gpus.topology_name(topology)
+  if num_slices > 1:
+    raise ValueError(f'config.mesh.dcn_shape spans TPU slices; GPU hosts ({topology}) take one mesh over all '
+                     'their devices, whose leading axis spans the hosts: drop dcn_shape')
+  options = gpus.load_compiler()
+  gpu = gpu_topology.gpu
+  chip = Chip(gpu.device_kind, gpus.usable_gib(gpu), gpu.peak_tflops, gpu.hbm_gbps, False)
+  return Target(gpus.topology_devices(gpu_topology), chip, gpu_topology, options)
+
+
 def topology_mesh(config, topology: str):
-  """(the config's mesh over the topology's devices, their Chip); `config.mesh.dcn_shape` spans slices."""
+  """(the config's mesh over the topology's devices, their Target); `config.mesh.dcn_shape` spans TPU slices."""
   dcn = config.mesh.get('dcn_shape')
-  devices = topology_devices(topology, num_slices=math.prod(dcn) if dcn else 1)
-  return sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=devices), chip_of(devices[0])
+  target = target_of(topology, num_slices=math.prod(dcn) if dcn else 1)
+  return sharding.make_mesh(config.mesh.shape, dcn_shape=dcn, devices=target.devices), target
 
 
 def compile_run(config, topology: str, *, steps=('train', 'eval')) -> dict:
   """Compiles the config's train and/or eval step for `topology`; returns the report as plain values."""
-  mesh, chip = topology_mesh(config, topology)
+  mesh, target = topology_mesh(config, topology)
+  chip = target.chip
   batch = config.input.batch_size
   sharding.check_batch_size(batch, mesh)
   run = build(config, mesh)
   state = checkpoint.abstract_like(run.shapes, run.shardings)
   scanned = bool(getattr(run.model, 'scan_blocks', False))
-  common = dict(chip=chip, devices=mesh.devices.size, batch=batch, scanned=scanned)
+  common = dict(target=target, devices=mesh.devices.size, batch=batch, scanned=scanned,
+                hosts_of=[d.process_index for d in mesh.devices.flat])
   report = dict(
       topology=topology, device_kind=chip.device_kind, devices=mesh.devices.size, mesh=dict(mesh.shape),
       model=config.model.name, dtype=str(jnp.dtype(run.model.dtype)),
       parameters=models.count_params(run.shapes.params), global_batch=batch,
       batch_per_device=batch / mesh.devices.size, remat=str(getattr(run.model, 'remat', False)),
-      scan_blocks=scanned, peak_tflops=chip.peak_tflops, hbm_gbps=chip.hbm_gbps)
+      scan_blocks=scanned, peak_tflops=chip.peak_tflops, hbm_gbps=chip.hbm_gbps, memory_gib=chip.hbm_gib)
+  if target.gpu:
+    gpu = target.gpu
+    report.update(platform='gpu', hosts=gpu.hosts, gpus_per_host=gpu.gpus_per_host,
+                  card_memory_gib=gpu.gpu.memory_mib / 1024, nvlink_gbps=gpu.gpu.nvlink_gbps,
+                  network_gbps=gpu.network_gbps)
+  else:
+    report.update(platform='tpu')
   if 'train' in steps:
-    report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh)),
+    report['train'] = analyse(_compile(run.train_step, state, abstract_batch(run.model, config, mesh), target=target),
                               analytic_flops_per_image=flops.flops_per_image(run.model, 'train'), **common)
   if 'eval' in steps:
     variables = trainer.model_variables(state)
     report['eval'] = analyse(_compile(run.eval_step, variables,
-                                      abstract_batch(run.model, config, mesh, eval_mask=True)),
+                                      abstract_batch(run.model, config, mesh, eval_mask=True), target=target),
                              analytic_flops_per_image=flops.flops_per_image(run.model, 'infer'), **common)
   return report
 
@@ -296,7 +370,7 @@ def max_batch(config, topology: str, *, log=print) -> dict:
   """The largest global batch (a multiple of the data-parallel devices) whose train step fits on `topology`,
   with the report at that batch. Each try is a compile (`search_max_batch`)."""
   config = config.copy_and_resolve_references()
-  mesh, chip = topology_mesh(config, topology)
+  mesh, target = topology_mesh(config, topology)
   unit = sharding.data_parallel_size(mesh)
   reports = {}
 
@@ -310,11 +384,11 @@ def max_batch(config, topology: str, *, log=print) -> dict:
     return train['fits'], need
 
   best, tried = search_max_batch(try_batch, start=config.input.batch_size, unit=unit,
-                                 capacity_gib=chip.hbm_gib)
+                                 capacity_gib=target.chip.hbm_gib)
   if best is None:
     raise ValueError(f'not even a batch of {unit} (one example per data-parallel device) fits on {topology}: '
                      'shard the parameters (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
-                     '(--config.model.remat=full) or use a larger slice')
+                     '(--config.model.remat=full) or use more devices (a larger slice, more hosts)')
   return dict(max_batch=best, data_parallel=unit, tries=tried, report=reports[best])
 
 
@@ -327,20 +401,28 @@ def format_step(name: str, row: dict) -> list[str]:
   if 'step_gib' not in row:  # the compiler refused it
     return [f'{name} step: refused by the compiler after {row["compile_s"]:.1f} s',
             f'  HBM: does not fit{over_text(row)}: {row["compiler_message"]}']
-  lines = [f'{name} step: compiled in {row["compile_s"]:.1f} s']
+  lines = [f'{name} step: compiled in {row["compile_s"]:.1f} s' + (f' ({row["compiler_note"]})'
+                                                                   if 'compiler_note' in row else '')]
   verdict = (f'fits, {row["free_gib"]:.2f} GiB free' if row['fits']
-             else f'does not fit by {-row["free_gib"]:.2f} GiB')
+             else f'does not fit by {-row["free_gib"]:.2f} GiB' if row['free_gib'] < 0
+             else 'does not fit: XLA could not bring it under its limit')
+  if 'compiler_message' in row:
+    verdict += f'; XLA: {row["compiler_message"]}'
   lines += [
-      f'  HBM per device: {row["step_gib"]:.2f} GiB of {row["hbm_capacity_gib"]:g} GiB ({verdict}): arguments '
+      f'  HBM per device: {row["step_gib"]:.2f} GiB of {row["hbm_capacity_gib"]:.4g} GiB ({verdict}): arguments '
       f'{row["arguments_gib"]:.2f}, outputs {row["outputs_gib"]:.2f} ({row["aliased_gib"]:.2f} donated), '
       f'temporaries {row["temporaries_gib"]:.2f}',
       f'  FLOPs: {row["xla_gflops_per_device"]:,.1f} GFLOP per device per step, {row["xla_gflops_per_image"]:.2f} '
       f'GFLOP per image (mixer_jax.flops: {row["analytic_gflops_per_image"]:.2f}, XLA/analytic '
-      f'{row["xla_over_analytic"]:.3f})',
+      f'{row["xla_over_analytic"]:.3f})' + library_text(row),
       f'  HBM traffic: {row["gb_accessed_per_device"]:,.2f} GB per device per step, '
       f'{row["mb_accessed_per_image"]:,.1f} MB per image']
   comms = ', '.join(f'{kind} x{c["count"]} ({c["bytes"] / 1e6:,.1f} MB)' for kind, c in row['collectives'].items())
   lines.append(f'  collectives per device: {comms or "none"}')
+  if 'collective_time' in row:
+    t = row['collective_time']
+    lines.append(f'  collectives\' time at least: {_ms(t["nvlink_ms"])} over NVLink, {_ms(t["network_ms"])} over the '
+                 'network between hosts (beside the roofline: they may overlap the compute)')
   bound = row['roofline']
   if bound is None:
     lines.append('  roofline: none: scanned blocks are a loop whose body XLA counts once (FLOPs and bytes above '
@@ -354,9 +436,28 @@ def format_step(name: str, row: dict) -> list[str]:
   return lines
 
 
+def library_text(row) -> str:
+  calls = row.get('library_calls')
+  if not calls:
+    return ''
+  text = (f'; of which {calls["count"]} cuBLAS/cuDNN calls {calls["gflops_per_device"]:,.1f} GFLOP, counted from '
+          'their shapes')
+  return text + (f'; not counted: {", ".join(calls["uncounted"])}' if calls['uncounted'] else '')
+
+
 def over_text(row) -> str:
   return (f' by {row["over_gib"]:.2f} GiB (needs {row["needed_gib"]:.2f}, {row["available_gib"]:.2f} available)'
           if 'over_gib' in row else '')
+
+
+def device_text(report: dict) -> str:
+  text = f'{report["peak_tflops"]:g} TFLOP/s, {report["hbm_gbps"]:g} GB/s, '
+  if report['platform'] != 'gpu':
+    return text + f'{report["memory_gib"]:g} GiB each'
+  hosts = f'{report["hosts"]} hosts of {report["gpus_per_host"]}' if report['hosts'] > 1 else 'one host'
+  return text + (f'{report["card_memory_gib"]:.2f} GiB each of which JAX may use {report["memory_gib"]:.2f} '
+                 f'(XLA_PYTHON_CLIENT_MEM_FRACTION); {hosts}, NVLink {report["nvlink_gbps"]:g} GB/s per GPU'
+                 + (f', network {report["network_gbps"]:g} GB/s per host' if report['hosts'] > 1 else ''))
 
 
 def format_report(report: dict) -> str:
@@ -364,11 +465,10 @@ def format_report(report: dict) -> str:
   lines = [
       f'{report["model"]} ({report["parameters"]:,} parameters, {report["dtype"]}, remat {report["remat"]}'
       f'{", scanned blocks" if report["scan_blocks"] else ""}) on {report["topology"]}: {report["devices"]} x '
-      f'{report["device_kind"]} ({report["peak_tflops"]:g} TFLOP/s, {report["hbm_gbps"]:g} GB/s, '
-      f'{TPUS_BY_KIND[report["device_kind"]].hbm_gib:g} GiB each), mesh {mesh}, global batch '
+      f'{report["device_kind"]} ({device_text(report)}), mesh {mesh}, global batch '
       f'{report["global_batch"]} ({report["batch_per_device"]:g} per device)',
-      'Figures are what XLA:TPU\'s compiler counts for the compiled program, per device; the roofline is a lower '
-      'bound from those counts, not a measurement.']
+      f'Figures are what {"XLA:GPU" if report["platform"] == "gpu" else "XLA:TPU"}\'s compiler counts for the '
+      'compiled program, per device; the roofline is a lower bound from those counts, not a measurement.']
   for name in ('train', 'eval'):
     if name in report:
       lines += format_step(name, report[name])

@@ -3,6 +3,8 @@
   python -m mixer_jax.bench model --model mixer_b16,davit_tiny --mode train,infer --batch 256 --dtype bfloat16
   python -m mixer_jax.bench input --pp "decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)"
   python -m mixer_jax.bench checkpoint --model mixer_b16 --batch 32 --every 10 --steps 20  (train step time +- saves)
+  python -m mixer_jax.bench compile --config=configs/mixer_i1k.py --topology=v3:8x8|h100:8  (mixer_jax/aot.py)
+  python -m mixer_jax.bench compile-table --platform=tpu|gpu  (BENCHMARKS.md's compile tables, compile_tables.py)
 
 `model`: the real train step (`trainer.make_train_step`, the function train.py runs, with the optimizer, loss
 and mixup of the family's recipe) or the inference forward pass, on a mesh over all devices, fed synthetic
@@ -118,8 +120,9 @@ def _add_input_parser(subparsers):
 
 
 # ----------------------------------------------------------------------------------------------------- model
-# Dense bfloat16 peak TFLOP/s of a GPU (vendor data sheets, no sparsity); TPUs are in
-# mixer_jax.aot.TPUS with their HBM. The first entry whose name is in the `device_kind` wins.
+# Dense bfloat16 peak TFLOP/s of GPUs that mixer_jax.gpus does not describe (vendor data sheets, no sparsity); TPUs
+# are in mixer_jax.aot.TPUS, the GPUs one compiles for in mixer_jax.gpus.GPUS. The first entry whose name is in the
+# `device_kind` wins.
 GPU_PEAK_TFLOPS = (('H100', 989.0), ('H200', 989.0), ('H800', 989.0), ('A100', 312.0), ('L4', 121.0),
                    ('A10G', 70.0), ('RTX 4090', 165.0))
 RECIPES = {'mixer': 'mixer_i1k', 'convmixer': 'convmixer_i1k', 'davit': 'davit_i1k'}
@@ -128,9 +131,12 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def peak_tflops(device_kind: str) -> float | None:
   """Peak TFLOP/s per JAX device of this kind (a TPU v3 device is a core, later TPUs a chip); None: unknown."""
-  from mixer_jax import aot
+  from mixer_jax import aot, gpus
   if device_kind in aot.TPUS_BY_KIND:
     return aot.TPUS_BY_KIND[device_kind].peak_tflops
+  described = [gpu for gpu in gpus.GPUS.values() if gpu.device_kind == device_kind]
+  if described:
+    return described[0].peak_tflops
   return next((tf for kind, tf in GPU_PEAK_TFLOPS if kind in device_kind), None)
 
 
@@ -501,21 +507,58 @@ def _run_compile(args):
   if not report['train']['fits']:
     sys.exit(f'error: the train step does not fit on {args.topology}{aot.over_text(report["train"])}: shard '
              'parameters and optimizer state (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
-             '(--config.model.remat=full), lower the batch or use a larger slice')
+             '(--config.model.remat=full), lower the batch or use more devices (a larger slice, more hosts)')
 
 
 def _add_compile_parser(subparsers):
   p = subparsers.add_parser(
-      'compile', help='compile a recipe for a TPU topology on this machine: HBM, FLOPs, collectives, roofline',
-      description='python -m mixer_jax.bench compile --config=configs/<recipe>.py[:args] --topology=v3:8x8 '
+      'compile', help='compile a recipe for a TPU topology or GPU hosts on this machine: memory, FLOPs, '
+      'collectives, roofline',
+      description='python -m mixer_jax.bench compile --config=configs/<recipe>.py[:args] --topology=v3:8x8|h100:8 '
                   '[--config.field=value ...]: the train and eval steps train.py would build, compiled by '
-                  'XLA:TPU for the topology (see mixer_jax/aot.py). Exits 1 when the train step does not fit.')
-  p.add_argument('--topology', required=True, help='<generation>:<chip grid> (v3:8x8, v4:4x4x4, v5e:4x4, '
-                 'v5p:2x2x1, v6e:4x4) or an accelerator type (v3-128, v4-128, v5litepod-16, v5p-128, v6e-16)')
+                  'XLA:TPU or XLA:GPU for the topology (see mixer_jax/aot.py and mixer_jax/gpus.py). Exits 1 when '
+                  'the train step does not fit.')
+  p.add_argument('--topology', required=True, help='TPUs: <generation>:<chip grid> (v3:8x8, v4:4x4x4, v5e:4x4, '
+                 'v5p:2x2x1, v6e:4x4) or an accelerator type (v3-128, v4-128, v5litepod-16, v5p-128, v6e-16); GPUs: '
+                 '<gpu>:<gpus per host> or <gpu>:<hosts>x<gpus per host> (a100-40gb, a100-80gb, h100, h200, e.g. '
+                 'h100:8, h100:2x8) or a machine type (a2-highgpu-8g, a2-ultragpu-8g, a3-highgpu-8g, '
+                 'a3-megagpu-8g, a3-ultragpu-8g, p4d.24xlarge, p5.48xlarge, ...; 2 hosts: a3-highgpu-8g:2x8)')
   p.add_argument('--max_batch', action='store_true', help='find the largest global batch whose train step fits')
   p.add_argument('--train_only', action='store_true', help='compile the train step only')
   p.add_argument('--jsonl', default=None, help='append the report as one JSON object to this file')
   p.set_defaults(run=_run_compile)
+
+
+def _run_compile_table(args):
+  cli.tpu_compiler_environment()
+  from mixer_jax import compile_tables
+  if args.table_from:
+    with open(args.table_from) as f:
+      reports = {r['row']: r for r in map(json.loads, f)}
+    rows = [(i, row) for i, row in enumerate(compile_tables.ROWS[args.platform]) if i in reports]
+    print(compile_tables.header(args.platform))
+    for i, row in rows:
+      print(compile_tables.format_row(row, reports[i], args.platform))
+    return
+  rows = compile_tables.rows_of(args.platform, args.shard)
+  print(compile_tables.header(args.platform), flush=True)
+  for i, row in rows:
+    report = compile_tables.run_row(row)
+    print(compile_tables.format_row(row, report, args.platform), flush=True)
+    append_jsonl(args.jsonl, dict(report, row=i, config=list(row.config)))
+
+
+def _add_compile_table_parser(subparsers):
+  p = subparsers.add_parser(
+      'compile-table', help="BENCHMARKS.md's compile tables: every recipe compiled for the hardware it names",
+      description='python -m mixer_jax.bench compile-table --platform=tpu|gpu [--shard=I/N] [--jsonl FILE]: each '
+                  'row of mixer_jax/compile_tables.py compiled (as bench compile --train_only), printed as a '
+                  'markdown table row.')
+  p.add_argument('--platform', required=True, choices=('tpu', 'gpu'))
+  p.add_argument('--shard', default='0/1', help='I/N: compile every N-th row from the I-th (run N processes)')
+  p.add_argument('--jsonl', default=None, help='append each row\'s report as one JSON object to this file')
+  p.add_argument('--table_from', default=None, help='print the table of the reports in this JSON-lines file')
+  p.set_defaults(run=_run_compile_table)
 
 
 def main(argv=None):
@@ -524,6 +567,7 @@ def main(argv=None):
   _add_model_parser(subparsers)
   _add_input_parser(subparsers)
   _add_compile_parser(subparsers)
+  _add_compile_table_parser(subparsers)
   _add_checkpoint_parser(subparsers)
   args, rest = parser.parse_known_args(argv)
   if args.command == 'compile':  # --config=... and --config.field=value, read as train.py reads them
@@ -531,7 +575,7 @@ def main(argv=None):
     rest = [a for a in rest if not a.startswith('--config')]
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
-  for path in ('jsonl', 'workdir'):  # ~, relative (mixer_jax/paths.py)
+  for path in ('jsonl', 'workdir', 'table_from'):  # ~, relative (mixer_jax/paths.py)
     if getattr(args, path, None):
       setattr(args, path, paths.resolve(getattr(args, path)))
   if getattr(args, 'jsonl', None):

@@ -44,6 +44,7 @@ TINY_BENCH = ('--batch', '8', '--steps', '1', '--repeats', '1', '--warmup', '0',
 COMMANDS = [
     (r'make quickstart$', RUN, ('--workdir={root}/workdirs/make_quickstart', *SHORT)),  # make runs in the repository
     (r'make test(-fast)?$', NOT_HERE, 'the test suite itself'),
+    (r'make gpu-compiler$', NOT_HERE, 'installs XLA:GPU\'s compiler, as make test does before this suite runs'),
     (r'make bench$', NOT_HERE, 'full-size models at 224 on the CPU: many minutes; BENCHMARKS.md holds its output'),
     (r'source \.venv/bin/activate$', NOT_HERE, 'the shell the commands run in; this test runs them with that Python'),
     (r'python train\.py --config=configs/quickstart\.py', RUN, SHORT),
@@ -62,8 +63,9 @@ COMMANDS = [
     (r'python -m mixer_jax\.convert --from npz', STOPS, 'Mixer-B_16.npz: no such checkpoint file or directory'),
     (r'python -m mixer_jax\.convert --from timm', STOPS, 'davit_tiny.pth.tar: no such checkpoint file or directory'),
     (r'python -m mixer_jax\.bench model', RUN, TINY_BENCH),
-    (r'python -m mixer_jax\.bench compile', NOT_HERE, 'a full-size XLA:TPU compile takes minutes; tests/test_aot.py '
-                                                      'runs the same command on tiny models'),
+    (r'python -m mixer_jax\.bench compile', NOT_HERE, 'a full-size XLA:TPU or XLA:GPU compile takes minutes; '
+                                                      'tests/test_aot.py and tests/test_aot_gpu.py run the same '
+                                                      'command on tiny models'),
 ]
 
 
