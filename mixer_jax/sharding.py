@@ -6,6 +6,12 @@ sharded over the mesh axes the rules give n, when its size divides by their prod
 stays replicated, like big_vision's fsdp rule for small tensors); a mesh axis is used at most once per
 parameter. The batch is split over ('data', 'fsdp'): FSDP is data-parallel in the activations.
 
+Parameters with a single channel dimension (biases, norms' scales, depthwise kernels: everything that is not a
+matrix once the kernel window is set aside) stay replicated. Sharding them gains next to no memory, and XLA then
+shards the activations they scale by channels instead of by batch and moves them with all-to-alls: DaViT-T's
+FSDP train step moved 3.09 GB of collectives per device and step on a TPU v3-8 (1024 images) with them sharded,
+0.16 GB replicated; 1.58 and 0.11 GB on 8 H100s (256 images).
+
 Must not: know about models, optimizers or checkpoints (they pass trees of logical axis names or shapes in).
 """
 import math
@@ -60,9 +66,16 @@ def make_mesh(shape: Sequence[int], *, dcn_shape: Sequence[int] | None = None,
   return Mesh(device_array, AXES)
 
 
+WINDOW_AXES = ('conv_height', 'conv_width')  # a convolution kernel's window: not a channel dimension
+
+
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
              rules: Sequence[tuple[str, Any]]) -> P:
-  """The PartitionSpec of one array from its logical axis names and the rules (first match wins)."""
+  """The PartitionSpec of one array from its logical axis names and the rules (first match wins); replicated for
+  an array with one channel dimension (see the module docstring)."""
+  channels = [size for name, size in zip(logical, shape) if size > 1 and name not in WINDOW_AXES]
+  if len(channels) < 2:
+    return P(*[None] * len(shape))
   rule_of = {}
   for name, axes in rules:
     rule_of.setdefault(name, axes)
