@@ -41,12 +41,13 @@ def _durations(config: ConfigDict, name: str, **value):
 # The speed and memory switches of each family's models, declared in `config.model` so the command line can set
 # them: `--config.model.remat=full|dots|dots_no_batch` (models/layers.py REMAT_POLICIES), `scan_blocks=True` for the
 # families whose blocks are identical (models.SCANNED_BLOCKS), `depthwise=conv|shift` for those with depthwise
-# convolutions ('auto': the form for the hardware, layers.depthwise_impl). tests/test_recipes.py checks the table
-# against the registry (mixer_jax.models.options).
+# convolutions ('auto': the form for the hardware, layers.depthwise_impl), DaViT's `attention_impl=xla|cudnn` (None:
+# jax.nn.dot_product_attention's choice). tests/test_recipes.py checks the table against the registry
+# (mixer_jax.models.options).
 MODEL_SWITCHES = {
     'mixer': dict(remat='none', scan_blocks=False),
     'convmixer': dict(remat='none', scan_blocks=False, depthwise='auto'),
-    'davit': dict(remat='none', depthwise='auto'),
+    'davit': dict(remat='none', depthwise='auto', attention_impl=None),
 }
 # How datasets name a folder of the user's images, `imagefolder:<root>` (mixer_jax/data/sources.py).
 IMAGE_FOLDER = 'imagefolder:'
@@ -60,7 +61,10 @@ def family(name: str) -> str:
 def model_config(name: str, **options) -> dict:
   """`config.model` of a recipe: the model `name`, its family's switches (MODEL_SWITCHES), and its `options`. A
   name outside the registry gets no switches: the config check then names it as unknown."""
-  return dict(name=name, **MODEL_SWITCHES.get(family(name), {}), **options)
+  switches = MODEL_SWITCHES.get(family(name), {})
+  # None: the model's automatic choice, overridable by a string (a fresh placeholder: each config its own)
+  switches = {key: placeholder(str) if value is None else value for key, value in switches.items()}
+  return dict(name=name, **switches, **options)
 
 
 def labels(num_classes: int | FieldReference, key: str = 'label', smoothing: float = 0.0) -> str | FieldReference:

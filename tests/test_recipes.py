@@ -71,6 +71,8 @@ def test_model_switches_are_the_registry_s():
       switches['scan_blocks'] = False
     if 'depthwise' in models.options(name):
       switches['depthwise'] = 'auto'
+    if 'attention_impl' in models.options(name):
+      switches['attention_impl'] = None  # the model's automatic choice
     assert common.MODEL_SWITCHES[family] == switches, family
     assert set(switches) <= set(models.options(name))
     assert common.model_config(name, dtype='bfloat16') == dict(name=name, **switches, dtype='bfloat16')
