@@ -149,25 +149,15 @@ class Compiled(NamedTuple):
   executable: Any  # None when the compiler refused the program
   seconds: float
   out_of_memory: str | None  # the compiler's message when the program does not fit
-  note: str | None = None  # how the program was compiled, where it differs from the default
 
 
 def _compile(step, *args, target: Target) -> Compiled:
   start = time.perf_counter()
   lowered = step.lower(*args)
   if target.gpu:
-    options, note = target.compiler_options, None
-    try:
-      with gpus.compile_capturing_log() as log:
-        executable = lowered.compile(compiler_options=options)
-    except jax.errors.JaxRuntimeError as error:
-      if gpus.TRITON_TILING_FAILURE not in str(error):
-        raise
-      # without a device XLA:GPU cannot autotune, and its default Triton tiling fails for some GEMMs
-      options, note = dict(options, **gpus.CUBLAS_GEMMS), gpus.CUBLAS_NOTE
-      with gpus.compile_capturing_log() as log:
-        executable = lowered.compile(compiler_options=options)
-    return Compiled(executable, time.perf_counter() - start, gpus.out_of_memory(log), note)
+    with gpus.compile_capturing_log() as log:
+      executable = lowered.compile(compiler_options=target.compiler_options)
+    return Compiled(executable, time.perf_counter() - start, gpus.out_of_memory(log))
   try:
     executable = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
@@ -248,8 +238,6 @@ def analyse(compiled: Compiled, *, target: Target, devices: int, batch: int, ana
   row.update(fits=fits, **memory, free_gib=chip.hbm_gib - memory['step_gib'])
   if compiled.out_of_memory:  # XLA:GPU compiled it anyway
     row.update(compiler_message=compiled.out_of_memory)
-  if compiled.note:
-    row.update(compiler_note=compiled.note)
   hlo = compiled.executable.as_text()
   cost = gpus.step_cost(compiled.executable) if target.gpu else compiled.executable.cost_analysis()
   step_flops, step_bytes = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
@@ -401,8 +389,7 @@ def format_step(name: str, row: dict) -> list[str]:
   if 'step_gib' not in row:  # the compiler refused it
     return [f'{name} step: refused by the compiler after {row["compile_s"]:.1f} s',
             f'  HBM: does not fit{over_text(row)}: {row["compiler_message"]}']
-  lines = [f'{name} step: compiled in {row["compile_s"]:.1f} s' + (f' ({row["compiler_note"]})'
-                                                                   if 'compiler_note' in row else '')]
+  lines = [f'{name} step: compiled in {row["compile_s"]:.1f} s']
   verdict = (f'fits, {row["free_gib"]:.2f} GiB free' if row['fits']
              else f'does not fit by {-row["free_gib"]:.2f} GiB' if row['free_gib'] < 0
              else 'does not fit: XLA could not bring it under its limit')
@@ -468,7 +455,9 @@ def format_report(report: dict) -> str:
       f'{report["device_kind"]} ({device_text(report)}), mesh {mesh}, global batch '
       f'{report["global_batch"]} ({report["batch_per_device"]:g} per device)',
       f'Figures are what {"XLA:GPU" if report["platform"] == "gpu" else "XLA:TPU"}\'s compiler counts for the '
-      'compiled program, per device; the roofline is a lower bound from those counts, not a measurement.']
+      'compiled program, per device' + (' (GEMMs in cuBLAS: no autotuning without a GPU)' if report['platform'] ==
+                                        'gpu' else '') + '; the roofline is a lower bound from those counts, not a '
+      'measurement.']
   for name in ('train', 'eval'):
     if name in report:
       lines += format_step(name, report[name])

@@ -19,8 +19,11 @@ What differs from XLA:TPU, and what `mixer_jax.aot` does about it:
 - A compile-only executable has no cost analysis. `step_cost` runs XLA's HloCostAnalysis on the optimised
   module, which counts Triton's GEMM fusions but gives library calls (cuBLAS GEMMs, cuDNN convolutions) 0 FLOPs
   and 0 bytes: those are counted from their operands' shapes (`library_calls`).
-- Without a device there is no autotuning: Triton GEMMs get default tilings, convolutions the first algorithm.
-  Memory and FLOPs do not depend on it; time on the card does.
+- Without a device there is no autotuning, which picks between cuBLAS and Triton for each GEMM on the card. The
+  compile here takes cuBLAS for every GEMM (`COMPILE_OPTIONS`): XLA's default Triton tilings, untuned, are refused
+  for some GEMMs (DaViT's window projections: "Couldn't find output tile sizes"), compile slower, and moved memory
+  and traffic by about 1% where they compiled (Mixer-B/16 at 256 per H100: 20.49 against 20.70 GiB, 130.3 against
+  131.1 GB). Memory and FLOPs hardly depend on the choice; time on the card does.
 - Collectives travel over NVLink within a host and over the network across hosts (`collective_seconds`).
 """
 import contextlib
@@ -37,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `make gpu-compiler`: pip install --target of requirements-gpu-compile.txt; MIXER_JAX_GPU_COMPILER moves it.
 COMPILER_DIR = os.environ.get('MIXER_JAX_GPU_COMPILER') or os.path.join(ROOT, '.venv', 'gpu-compiler')
 DEFAULT_MEM_FRACTION = 0.75  # JAX's preallocation: XLA_PYTHON_CLIENT_MEM_FRACTION
+COMPILE_OPTIONS = {'xla_gpu_enable_triton_gemm': False}  # GEMMs in cuBLAS, see the module docstring
 
 
 class Gpu(NamedTuple):
@@ -207,7 +211,8 @@ _INSTALL = 'make gpu-compiler (pip install --target .venv/gpu-compiler -r requir
 
 
 def load_compiler() -> dict:
-  """Makes JAX's CUDA plugin available for compile-only topologies; returns the compile options that pin ptxas.
+  """Makes JAX's CUDA plugin available for compile-only topologies; returns the compile options (cuBLAS GEMMs, the
+  pinned ptxas).
 
   JAX must not start a CUDA backend here (without a driver it prints a traceback): the CPU must be its platform
   (`cli.tpu_compiler_environment`, which bench's compile and the tests call)."""
@@ -227,7 +232,7 @@ def load_compiler() -> dict:
       from jax_plugins import xla_cuda12  # JAX started before ours was on the path
       xla_cuda12.initialize()
   nvcc = os.path.join(own, 'nvidia', 'cuda_nvcc') if own else None
-  return {'xla_gpu_cuda_data_dir': nvcc} if nvcc and os.path.isdir(nvcc) else {}
+  return dict(COMPILE_OPTIONS, **({'xla_gpu_cuda_data_dir': nvcc} if nvcc and os.path.isdir(nvcc) else {}))
 
 
 def topology_devices(topology: Topology) -> list:
@@ -318,13 +323,6 @@ def step_cost(executable) -> dict:
   calls = library_calls(executable.as_text())
   return {'flops': float(cost.get('flops', 0.0)) + calls['flops'],
           'bytes accessed': float(cost.get('bytes accessed', 0.0)) + calls['bytes'], 'library_calls': calls}
-
-
-# Without a device there is no autotuning, and XLA:GPU's default Triton tiling is refused for some GEMMs (DaViT's
-# window projections): such a program is compiled with every GEMM in cuBLAS, as the autotuner may also choose.
-TRITON_TILING_FAILURE = "Couldn't find output tile sizes"
-CUBLAS_GEMMS = {'xla_gpu_enable_triton_gemm': False}
-CUBLAS_NOTE = 'GEMMs in cuBLAS: XLA:GPU found no Triton tiling for one without a device to autotune on'
 
 
 def out_of_memory(log_lines: list[str]) -> str | None:
