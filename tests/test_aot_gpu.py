@@ -3,6 +3,7 @@ tiny models of every family on data-parallel, FSDP and tensor-parallel meshes of
 what the compiled programs hold, FLOPs with the library calls counted, memory that does not fit, the command and
 its JSON, the GPU descriptions. Nothing runs on a GPU."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -138,6 +139,14 @@ def test_out_of_memory_warning_is_not_fitting():
          'bytes) by rematerialization; only reduced to 100.30GiB (107696604528 bytes), down from 100.30GiB']
   assert gpus.out_of_memory(log).startswith("Can't reduce memory use below 59.33GiB")
   assert gpus.out_of_memory(['something else']) is None
+
+
+def test_the_compile_takes_the_pinned_ptxas_and_cublas_gemms():
+  """Not whichever ptxas the machine has on PATH: the one requirements-gpu-compile.txt pins."""
+  options = gpus.load_compiler()
+  nvcc = os.path.join(gpus.COMPILER_DIR, 'nvidia', 'cuda_nvcc')
+  assert options == {'xla_gpu_enable_triton_gemm': False, 'xla_gpu_cuda_data_dir': nvcc}
+  assert os.access(os.path.join(nvcc, 'bin', 'ptxas'), os.X_OK)
 
 
 @pytest.mark.parametrize('name', list(gpus.GPUS))
