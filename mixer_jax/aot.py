@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixer_jax import checkpoint, config_checks, flops, gpus, models, sharding, trainer
+from mixer_jax import checkpoint, config_checks, flops, gpus, hlo, models, sharding, trainer
 
 NOMINAL_STEPS = 10_000
 
@@ -184,43 +184,6 @@ def out_of_memory_gib(message: str) -> tuple[float, float] | None:
   return None
 
 
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
-               'collective-broadcast', 'ragged-all-to-all')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
-                'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%\S+ = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\((.*)$', re.M)
-_ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r'|f8\w*)\[([\d,]*)\]')
-
-
-def _array_bytes(shape_text: str) -> int:
-  return sum(_DTYPE_BYTES.get(dtype, 1) * math.prod(int(d) for d in dims.split(',') if d)
-             for dtype, dims in _ARRAY.findall(shape_text))
-
-
-def collective_ops(hlo_text: str) -> list[tuple[str, str, str, str]]:
-  """(result shape, kind, '-start' or '', the rest of the line) of each collective in an optimised HLO module."""
-  return _INSTRUCTION.findall(hlo_text)
-
-
-def collective_result_bytes(shape: str, kind: str, start: str) -> int:
-  """The size of a collective's result per device: the whole buffer of an all-reduce, the gathered array of an
-  all-gather, the shard each device keeps of a reduce-scatter."""
-  if start and kind in ('all-gather', 'collective-permute'):  # (operands, results[, contexts]) tuples
-    return _array_bytes(shape.split('), ')[-1] if kind == 'all-gather' else shape) // 2
-  return _array_bytes(shape)
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {'count', 'bytes'}} of the collectives in an optimised HLO module, per device, `bytes` being their
-  results' sizes (`collective_result_bytes`). An instruction inside a loop counts once."""
-  out = {}
-  for shape, kind, start, _ in collective_ops(hlo_text):
-    entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
-    entry['count'] += 1
-    entry['bytes'] += collective_result_bytes(shape, kind, start)
-  return out
-
-
 def analyse(compiled: Compiled, *, target: Target, devices: int, batch: int, analytic_flops_per_image: float,
             scanned: bool, hosts_of: list[int]) -> dict:
   """What the compiler says of one step, per device; see the module docstring."""
@@ -238,10 +201,10 @@ def analyse(compiled: Compiled, *, target: Target, devices: int, batch: int, ana
   row.update(fits=fits, **memory, free_gib=chip.hbm_gib - memory['step_gib'])
   if compiled.out_of_memory:  # XLA:GPU compiled it anyway
     row.update(compiler_message=compiled.out_of_memory)
-  hlo = compiled.executable.as_text()
+  hlo_text = compiled.executable.as_text()
   cost = gpus.step_cost(compiled.executable) if target.gpu else compiled.executable.cost_analysis()
   step_flops, step_bytes = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  comms = collectives(hlo)
+  comms = hlo.collectives(hlo_text)
   per_image = devices / batch
   row.update(xla_gflops_per_device=step_flops / 1e9, xla_gflops_per_image=step_flops * per_image / 1e9,
              xla_over_analytic=step_flops * per_image / analytic_flops_per_image,
@@ -253,7 +216,7 @@ def analyse(compiled: Compiled, *, target: Target, devices: int, batch: int, ana
     calls = cost['library_calls']
     row.update(library_calls=dict(count=calls['calls'], gflops_per_device=calls['flops'] / 1e9,
                                   uncounted=sorted(set(calls['uncounted']))),
-               collective_time=gpus.collective_seconds(hlo, target.gpu, hosts_of))
+               collective_time=gpus.collective_seconds(hlo_text, target.gpu, hosts_of))
   if scanned:  # the loop body is counted once: no bound from these counts
     row.update(roofline=None)
     return row

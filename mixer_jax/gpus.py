@@ -34,7 +34,7 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-import numpy as np
+from mixer_jax import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `make gpu-compiler`: pip install --target of requirements-gpu-compile.txt; MIXER_JAX_GPU_COMPILER moves it.
@@ -245,20 +245,6 @@ def topology_devices(topology: Topology) -> list:
 
 
 # ------------------------------------------------------------------------------------------ reading the program
-_DEFINITION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([\w-]+)\((.*?)\)(.*)$', re.M)
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
-                'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
-_ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r'|f8\w*)\[([\d,]*)\]')
-
-
-def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [(dtype, tuple(int(d) for d in dims.split(',') if d)) for dtype, dims in _ARRAY.findall(shape_text)]
-
-
-def _bytes(shape_text: str) -> int:
-  return sum(_DTYPE_BYTES.get(dtype, 1) * math.prod(dims) for dtype, dims in _arrays(shape_text))
-
-
 def _int_list(text: str, key: str) -> list[int]:
   match = re.search(rf'"{key}":\[([^\]]*)\]', text)
   return [int(v) for v in re.findall(r'\d+', match[1])] if match else []
@@ -290,9 +276,9 @@ _LIBRARY = {'__cublas$gemm': 'gemm', '__cublas$lt$matmul': 'gemm', '__cublas$lt$
 def library_calls(hlo_text: str) -> dict:
   """{'flops', 'bytes', 'calls', 'uncounted'}: the cuBLAS GEMMs' and cuDNN convolutions' FLOPs from their operands'
   shapes, the bytes they read and write; custom calls of unknown cost are listed in 'uncounted'."""
-  shapes = {name: shape for name, shape, _, _, _ in _DEFINITION.findall(hlo_text)}
+  shapes = {name: shape for name, shape, _, _, _ in hlo.definitions(hlo_text)}
   out = dict(flops=0.0, bytes=0, calls=0, uncounted=[])
-  for name, shape, op, operands, attributes in _DEFINITION.findall(hlo_text):
+  for name, shape, op, operands, attributes in hlo.definitions(hlo_text):
     if op != 'custom-call':
       continue
     target = re.search(r'custom_call_target="([^"]+)"', attributes)
@@ -300,14 +286,14 @@ def library_calls(hlo_text: str) -> dict:
     if kind is None:
       out['uncounted'].append(target[1] if target else name)
       continue
-    operand_shapes = [_arrays(shapes.get(o.strip().lstrip('%'), ''))
+    operand_shapes = [hlo.arrays(shapes.get(o.strip().lstrip('%'), ''))
                       for o in operands.split(',') if o.strip()]
     operand_dims = [a[0][1] if a else () for a in operand_shapes]
-    result = _arrays(shape)[0][1]  # the first element of the (result, workspace) tuple
+    result = hlo.arrays(shape)[0][1]  # the first element of the (result, workspace) tuple
     out['flops'] += (_gemm_flops(result, operand_dims[0], attributes) if kind == 'gemm'
                      else _conv_flops(kind, result, operand_dims, attributes))
-    out['bytes'] += _bytes(shape.split('s8[')[0]) + sum(
-        _bytes(shapes.get(o.strip().lstrip('%'), '')) for o in operands.split(',') if o.strip())
+    out['bytes'] += hlo.array_bytes(shape.split('s8[')[0]) + sum(
+        hlo.array_bytes(shapes.get(o.strip().lstrip('%'), '')) for o in operands.split(',') if o.strip())
     out['calls'] += 1
   return out
 
@@ -332,31 +318,6 @@ def out_of_memory(log_lines: list[str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- collectives
-def replica_groups(attributes: str, devices: int) -> np.ndarray:
-  """The device groups of a collective, (groups, size), from its replica_groups in any of XLA's three forms:
-  explicit ({{0,1},{2,3}}), iota ([2,4]<=[4,2]T(1,0)) or mesh (mesh['axis_0'=4,'axis_1'=2] {'axis_0'})."""
-  match = re.search(r'replica_groups=(\{\{[\d,{} ]*\}\}|\{\})', attributes)
-  if match:
-    groups = re.findall(r'\{([\d,]+)\}', match[1])
-    return np.array([[int(i) for i in g.split(',')] for g in groups]) if groups else np.arange(devices)[None]
-  match = re.search(r'replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', attributes)
-  if match:
-    shape, dims = [int(v) for v in match[1].split(',')], [int(v) for v in match[2].split(',')]
-    ids = np.arange(math.prod(dims)).reshape(dims)
-    if match[3]:
-      ids = ids.transpose([int(v) for v in match[3].split(',')])
-    return ids.reshape(shape)
-  match = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attributes)
-  if match:
-    axes = re.findall(r"'(\w+)'=(\d+)", match[1])
-    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-    grouped = [names.index(a) for a in re.findall(r"'(\w+)'", match[2])]
-    ids = np.arange(math.prod(sizes)).reshape(sizes)
-    rest = [i for i in range(len(sizes)) if i not in grouped]
-    return ids.transpose(rest + grouped).reshape(-1, math.prod(sizes[i] for i in grouped) if grouped else 1)
-  return np.arange(devices)[None]
-
-
 def _ring_bytes(kind: str, size: int, n: int) -> float:
   """Bytes each of n members sends in a ring implementation of the collective; `size` is its result per device."""
   if n < 2:
@@ -374,10 +335,9 @@ def collective_seconds(hlo_text: str, topology: Topology, hosts_of: list[int]) -
   each host's share of the data crosses once through that host's NICs). A collective permute sends its buffer
   once, over the network where source and target sit on different hosts. `hosts_of[i]` is the host of XLA's
   logical device i (the mesh's i-th device)."""
-  from mixer_jax import aot
   nvlink = network = 0.0  # bytes per GPU over NVLink, per host over the network
-  for shape, kind, start, attributes in aot.collective_ops(hlo_text):
-    size = aot.collective_result_bytes(shape, kind, start)
+  for shape, kind, start, attributes in hlo.collective_ops(hlo_text):
+    size = hlo.collective_result_bytes(shape, kind, start)
     if kind == 'collective-permute':
       pairs = [(int(a), int(b)) for a, b in re.findall(r'\{(\d+),(\d+)\}', attributes)]
       crossing = [hosts_of[a] for a, b in pairs if hosts_of[a] != hosts_of[b]]
@@ -386,7 +346,7 @@ def collective_seconds(hlo_text: str, topology: Topology, hosts_of: list[int]) -
       elif pairs:
         nvlink += size
       continue
-    group = replica_groups(attributes, len(hosts_of))[0]
+    group = hlo.replica_groups(attributes, len(hosts_of))[0]
     hosts = len({hosts_of[i] for i in group})
     on_a_host = len(group) // hosts
     nvlink += _ring_bytes(kind, size, on_a_host) if hosts > 1 else _ring_bytes(kind, size, len(group))

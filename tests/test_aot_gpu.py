@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from mixer_jax import aot, bench, flops, gpus, models
+from mixer_jax import aot, bench, flops, gpus, hlo, models
 from test_aot import BATCH, TINY, quickstart
 
 pytestmark = pytest.mark.skipif(gpus.compiler_dir() is None, reason='make gpu-compiler installs XLA:GPU\'s compiler '
@@ -173,7 +173,7 @@ def test_topology_names():
 
 def test_library_call_flops_from_shapes():
   """A cuBLAS GEMM and cuDNN's three convolution passes, as XLA:GPU prints them."""
-  hlo = '\n'.join([
+  text = '\n'.join([
       '  %p0 = bf16[64,256]{1,0} parameter(0)',
       '  %p1 = bf16[256,128]{1,0} parameter(1)',
       '  %gemm = (bf16[64,128]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", '
@@ -189,20 +189,20 @@ def test_library_call_flops_from_shapes():
       '  %dk = (bf16[3,3,1,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, %dy), window={size=3x3 pad=1_1x1_1}, '
       'dim_labels=b01f_01io->b01f, feature_group_count=8, custom_call_target="__cudnn$convBackwardFilter"',
       '  %other = f32[4]{0} custom-call(%p0), custom_call_target="SomethingElse"'])
-  calls = gpus.library_calls(hlo)
+  calls = gpus.library_calls(text)
   conv = 2 * (2 * 16 * 16) * (3 * 3 * 1 * 8)  # output positions x kernel elements: depthwise, 8 channels
   assert calls['flops'] == 2 * 64 * 128 * 256 + 3 * conv
   assert calls['calls'] == 4 and calls['uncounted'] == ['SomethingElse']
 
 
 def test_replica_groups_in_every_form():
-  assert gpus.replica_groups('replica_groups={{0,2},{1,3}}, x', 4).tolist() == [[0, 2], [1, 3]]
-  assert gpus.replica_groups('replica_groups={}, x', 4).tolist() == [[0, 1, 2, 3]]
-  np.testing.assert_array_equal(gpus.replica_groups('replica_groups=[2,4]<=[8], x', 8),
+  assert hlo.replica_groups('replica_groups={{0,2},{1,3}}, x', 4).tolist() == [[0, 2], [1, 3]]
+  assert hlo.replica_groups('replica_groups={}, x', 4).tolist() == [[0, 1, 2, 3]]
+  np.testing.assert_array_equal(hlo.replica_groups('replica_groups=[2,4]<=[8], x', 8),
                                 np.arange(8).reshape(2, 4))
-  np.testing.assert_array_equal(gpus.replica_groups('replica_groups=[4,2]<=[2,4]T(1,0), x', 8),
+  np.testing.assert_array_equal(hlo.replica_groups('replica_groups=[4,2]<=[2,4]T(1,0), x', 8),
                                 np.arange(8).reshape(2, 4).T)
-  np.testing.assert_array_equal(gpus.replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, x", 8),
+  np.testing.assert_array_equal(hlo.replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, x", 8),
                                 np.arange(8).reshape(2, 4).T)
-  np.testing.assert_array_equal(gpus.replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, x", 8),
+  np.testing.assert_array_equal(hlo.replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, x", 8),
                                 np.arange(8).reshape(2, 4))

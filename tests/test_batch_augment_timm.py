@@ -84,7 +84,7 @@ def test_groups_straddling_devices_move_what_global_mixing_moves():
   moves images between devices exactly as mixing the whole batch does (one collective permute of its reverse),
   where runs of 4 would gather the whole batch on every device. Groups of 2 or 6 lie within a device and move
   nothing."""
-  from mixer_jax import aot
+  from mixer_jax import hlo
   assert [mixup.pairing(g, 6) for g in (None, 1, 2, 3, 4, 6, 8, 12)] == [
       'runs', 'runs', 'runs', 'runs', 'mirrored', 'runs', 'mirrored', 'mirrored']
   batch_sh = sharding.batch_sharding(sharding.make_mesh((8, 1, 1)))
@@ -92,9 +92,9 @@ def test_groups_straddling_devices_move_what_global_mixing_moves():
   def moved(group_size, layout=None):
     layout = layout or mixup.pairing(group_size, 6)
     fn = lambda rng, x, y: mixup.mix(rng, x, y, **MIX, group_size=group_size, layout=layout)
-    hlo = jax.jit(fn, in_shardings=(None, batch_sh, batch_sh), out_shardings=batch_sh).lower(
+    text = jax.jit(fn, in_shardings=(None, batch_sh, batch_sh), out_shardings=batch_sh).lower(
         jax.random.PRNGKey(0), jnp.zeros((48, 4, 4, 3)), jnp.zeros((48, 5))).compile().as_text()
-    return {kind: c for kind, c in aot.collectives(hlo).items() if kind != 'all-reduce'}  # the sampler's flags
+    return {kind: c for kind, c in hlo.collectives(text).items() if kind != 'all-reduce'}  # the sampler's flags
   whole = moved(None)
   assert set(whole) == {'collective-permute'}
   assert moved(4) == moved(8) == whole

@@ -211,13 +211,13 @@ def test_convmixer_group_batch_norm_matches_per_group_torch():
 def test_group_batch_norm_straddling_devices_moves_statistics_not_activations():
   """Groups of 4 over 8 devices of 6 examples: only per-example channel means cross devices (48 x 16 values
   gathered per statistic), not the (48, 8, 8, 16) activations."""
-  from mixer_jax import aot, sharding
+  from mixer_jax import hlo, sharding
   batch_sh = sharding.batch_sharding(sharding.make_mesh((8, 1, 1)))
   bn = layers.batch_norm(train=True, param_dtype=jnp.float32, group_size=4)
   x = jax.ShapeDtypeStruct((48, 8, 8, 16), jnp.float32)
   variables = jax.eval_shape(bn.init, jax.random.PRNGKey(0), x)
   step = jax.jit(lambda v, x: bn.apply(v, x, mutable=['batch_stats']), in_shardings=(None, batch_sh))
-  moved = aot.collectives(step.lower(variables, x).compile().as_text())
+  moved = hlo.collectives(step.lower(variables, x).compile().as_text())
   assert sum(c['bytes'] for c in moved.values()) <= 4 * 48 * 16 * 4  # two statistics' (B, C) gathers, a reduce
 
 
