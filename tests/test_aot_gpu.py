@@ -9,33 +9,12 @@ import numpy as np
 import pytest
 
 from mixer_jax import aot, bench, flops, gpus, hlo, models
-from test_aot import BATCH, TINY, quickstart
+from test_aot import BATCH, MESHES, reports, state_bytes_per_device  # noqa: F401 (reports: a fixture)
 
 pytestmark = pytest.mark.skipif(gpus.compiler_dir() is None, reason='make gpu-compiler installs XLA:GPU\'s compiler '
                                 '(make test does; this skip only serves a bare pytest without it)')
-MESHES = {'data': (-1, 1, 1), 'fsdp': (1, -1, 1), 'tensor': (-1, 1, 4)}
 RESOLVED = {'h100:8': {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (2, 1, 4)},
             'h100:2x8': {'data': (16, 1, 1), 'fsdp': (1, 16, 1), 'tensor': (4, 1, 4)}}
-
-
-def tiny_config(family, mesh):
-  c = quickstart.get_config()
-  c.model = dict(TINY[family], dtype='bfloat16')
-  c.input.batch_size = BATCH
-  c.mesh.shape = MESHES[mesh]
-  return c
-
-
-@pytest.fixture(scope='module')
-def reports():
-  """Train-step reports by (family, mesh, topology), compiled once for the module."""
-  cache = {}
-
-  def get(family, mesh, topology):
-    if (family, mesh, topology) not in cache:
-      cache[family, mesh, topology] = aot.compile_run(tiny_config(family, mesh), topology, steps=('train',))
-    return cache[family, mesh, topology]
-  return get
 
 
 @pytest.mark.slow
@@ -70,13 +49,7 @@ def test_collectives_cross_hosts_only_on_two_hosts(reports):
 def test_fsdp_keeps_an_eighth_of_the_state_per_device():
   """Parameters and Adam moments per device (the step's arguments less its batch): FSDP over 8 GPUs holds 1/8 of
   what data parallelism does."""
-  state = {}
-  for mesh in ('data', 'fsdp'):
-    c = tiny_config('mixer', mesh)
-    c.model.update(hidden_dim=1024, channels_mlp_dim=2048, num_blocks=1, patch_size=16, tokens_mlp_dim=128)
-    report = aot.compile_run(c, 'h100:8', steps=('train',))
-    batch_bytes = BATCH // 8 * (32 * 32 * 3 + 10) * 4
-    state[mesh] = report['train']['arguments_gib'] * 2**30 - batch_bytes
+  state = state_bytes_per_device('h100:8')
   assert state['fsdp'] == pytest.approx(state['data'] / 8, rel=0.05)
 
 
