@@ -93,6 +93,7 @@ def test_slurm_per_gpu_refuses_what_does_not_fit(machine):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_gpu_host_refuses_a_gpu_it_cannot_compile_for(machine):
   run, _ = machine
   refused = run('gpu_host.sh', *FITS, GPU='NVIDIA L4')
