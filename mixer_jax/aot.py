@@ -317,12 +317,20 @@ def search_max_batch(try_batch, *, start: int, unit: int, capacity_gib: float, l
     batch = min(max(int(guess) // unit * unit, lo + unit), hi - unit)
 
 
+def batch_unit(config, mesh) -> int:
+  """The step between the global batches a config can take on a mesh: a multiple of the data-parallel devices
+  and accumulation steps, and of the recipe's per-GPU groups (mixup's, and BatchNorm's in each micro-batch)."""
+  accum = config.get('accum_steps') or 1
+  groups = (config.mixup.get('group_size') or 1, (config.model.get('bn_group_size') or 1) * accum)
+  return math.lcm(sharding.data_parallel_size(mesh) * accum, *groups)
+
+
 def max_batch(config, topology: str, *, log=print) -> dict:
-  """The largest global batch (a multiple of the data-parallel devices) whose train step fits on `topology`,
-  with the report at that batch. Each try is a compile (`search_max_batch`)."""
+  """The largest global batch (a multiple of `batch_unit`) whose train step fits on `topology`, with the report
+  at that batch. Each try is a compile (`search_max_batch`)."""
   config = config.copy_and_resolve_references()
   mesh, target = topology_mesh(config, topology)
-  unit = sharding.data_parallel_size(mesh)
+  unit = batch_unit(config, mesh)
   reports = {}
 
   def try_batch(batch):
@@ -337,10 +345,10 @@ def max_batch(config, topology: str, *, log=print) -> dict:
   best, tried = search_max_batch(try_batch, start=config.input.batch_size, unit=unit,
                                  capacity_gib=target.chip.hbm_gib)
   if best is None:
-    raise ValueError(f'not even a batch of {unit} (one example per data-parallel device) fits on {topology}: '
-                     'shard the parameters (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
+    raise ValueError(f'not even a batch of {unit} (the smallest the mesh and the recipe\'s groups allow) fits on '
+                     f'{topology}: shard the parameters (FSDP, --config.mesh.shape="(1,-1,1)"), rematerialise '
                      '(--config.model.remat=full) or use more devices (a larger slice, more hosts)')
-  return dict(max_batch=best, data_parallel=unit, tries=tried, report=reports[best])
+  return dict(max_batch=best, data_parallel=sharding.data_parallel_size(mesh), tries=tried, report=reports[best])
 
 
 # ---------------------------------------------------------------------------------------------------- output

@@ -542,10 +542,18 @@ def _run_compile_table(args):
     return
   rows = compile_tables.rows_of(args.platform, args.shard)
   print(compile_tables.header(args.platform), flush=True)
+  failed = []
   for i, row in rows:
-    report = compile_tables.run_row(row)
+    try:
+      report = compile_tables.run_row(row)
+    except cli.USER_ERRORS as error:  # the other rows still compile; the command fails at the end
+      failed.append(row.label)
+      print(f'| {row.label} | {row.topology} | error: {str(error).splitlines()[0]} |', flush=True)
+      continue
     print(compile_tables.format_row(row, report, args.platform), flush=True)
     append_jsonl(args.jsonl, dict(report, row=i, config=list(row.config)))
+  if failed:
+    sys.exit(f'error: {len(failed)} of {len(rows)} rows failed to compile: {"; ".join(failed)}')
 
 
 def _add_compile_table_parser(subparsers):

@@ -181,6 +181,18 @@ def test_out_of_memory_messages():
   assert aot.out_of_memory_gib('RESOURCE_EXHAUSTED: something else') is None
 
 
+def test_batch_unit_is_what_the_mesh_and_the_recipes_groups_allow():
+  import jax
+  from mixer_jax import cli, sharding
+  mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices())  # the 8 simulated CPU devices
+  unit = lambda *args: aot.batch_unit(cli.load_config(list(args)), mesh)
+  assert unit('--config=configs/quickstart.py') == 8
+  assert unit('--config=configs/convmixer_i1k.py') == 64  # mixup's and BatchNorm's groups of 64
+  assert unit('--config=configs/davit_i1k.py') == 128
+  assert unit('--config=configs/convmixer_i1k.py', '--config.accum_steps=2') == 128  # BatchNorm per micro-batch
+  assert unit('--config=configs/quickstart.py', '--config.accum_steps=3') == 24
+
+
 def test_largest_batch_search():
   """On a memory curve that is not quite linear, the search ends at the exact largest multiple of the unit that
   fits, in a few tries, from below or from above."""
