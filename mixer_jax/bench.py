@@ -534,16 +534,17 @@ def _run_compile_table(args):
   from mixer_jax import compile_tables
   if args.table_from:
     with open(args.table_from) as f:
-      reports = {r['row']: r for r in map(json.loads, f)}
-    rows = [(i, row) for i, row in enumerate(compile_tables.ROWS[args.platform]) if i in reports]
+      reports = {compile_tables.key_of(r['config'], r['topology'], 'max_batch' in r): r for r in map(json.loads, f)}
     print(compile_tables.header(args.platform))
-    for i, row in rows:
-      print(compile_tables.format_row(row, reports[i], args.platform))
+    for row in compile_tables.ROWS[args.platform]:
+      report = reports.get(compile_tables.key_of(row.config, row.topology, row.max_batch))
+      if report:
+        print(compile_tables.format_row(row, report, args.platform))
     return
   rows = compile_tables.rows_of(args.platform, args.shard)
   print(compile_tables.header(args.platform), flush=True)
   failed = []
-  for i, row in rows:
+  for row in rows:
     try:
       report = compile_tables.run_row(row)
     except cli.USER_ERRORS as error:  # the other rows still compile; the command fails at the end
@@ -551,7 +552,7 @@ def _run_compile_table(args):
       print(f'| {row.label} | {row.topology} | error: {str(error).splitlines()[0]} |', flush=True)
       continue
     print(compile_tables.format_row(row, report, args.platform), flush=True)
-    append_jsonl(args.jsonl, dict(report, row=i, config=list(row.config)))
+    append_jsonl(args.jsonl, dict(report, config=list(row.config)))
   if failed:
     sys.exit(f'error: {len(failed)} of {len(rows)} rows failed to compile: {"; ".join(failed)}')
 

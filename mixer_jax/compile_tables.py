@@ -6,7 +6,8 @@
 compiles each row's train step (`aot.compile_run`, or `aot.max_batch` for the rows that search the largest batch)
 and prints the rows as a markdown table as they complete. A recipe change moves its rows: rerun the command and
 paste its table. `--shard=0/2` and `--shard=1/2` split the rows between two processes (one per core, every other
-row each); `--table_from` prints the table of their JSON lines in the rows' order.
+row each); `--table_from` prints the table of their JSON lines in the rows' order (a row's report is the line
+with its config, topology and kind).
 
 A row names its recipe with its arguments and overrides exactly as `bench compile` takes them, so each row is
 also one `bench compile` command.
@@ -71,6 +72,8 @@ GPU_ROWS = tuple(
     Row('`davit_i1k.py` (tiny), largest batch', ('--config=configs/davit_i1k.py',), 'h100:8', max_batch=True),
     Row('`mixer_i1k.py:variant=h14`, FSDP', ('--config=configs/mixer_i1k.py:variant=h14',
                                              '--config.mesh.shape=(1,-1,1)'), 'h100:8'),
+    Row('`mixer_i1k.py:variant=h14`, FSDP, remat full', ('--config=configs/mixer_i1k.py:variant=h14', *_FSDP_REMAT),
+        'h100:8'),
     Row('`davit_i1k.py:variant=base` as `davit_huge`, FSDP',
         ('--config=configs/davit_i1k.py:variant=base', '--config.model.name=davit_huge',
          '--config.mesh.shape=(1,-1,1)'), 'h100:8'),
@@ -148,7 +151,12 @@ def shard_of(text: str) -> tuple[int, int]:
   return index, count
 
 
-def rows_of(platform: str, shard: str = '0/1') -> list[tuple[int, Row]]:
-  """(index, row) of the platform's rows in the shard: every N-th from the I-th."""
+def rows_of(platform: str, shard: str = '0/1') -> list[Row]:
+  """The platform's rows in the shard: every N-th from the I-th."""
   index, count = shard_of(shard)
-  return list(enumerate(ROWS[platform]))[index::count]
+  return list(ROWS[platform])[index::count]
+
+
+def key_of(config, topology: str, max_batch: bool) -> tuple:
+  """What identifies a row's report among the JSON lines of several runs."""
+  return tuple(config), topology, bool(max_batch)

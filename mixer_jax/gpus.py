@@ -178,7 +178,10 @@ def target_config(gpu: Gpu) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the compiler
-_NOISE = ('cudart_stub.cc', 'Could not find cuda drivers', 'All log messages before absl::InitializeLog')
+# The plugin's notices that this machine has no GPU, and XLA's alarm that a compile takes minutes (asking for a bug
+# report: full-size models take that long here on every compile).
+_NOISE = ('cudart_stub.cc', 'Could not find cuda drivers', 'All log messages before absl::InitializeLog',
+          'slow_operation_alarm', 'Very slow compile?')
 
 
 @contextlib.contextmanager
@@ -198,7 +201,7 @@ def compile_capturing_log():
       os.close(saved)
       log.seek(0)
       lines.extend(log.read().decode(errors='replace').splitlines())
-      kept = [line for line in lines if not any(n in line for n in _NOISE)]
+      kept = [line for line in lines if line.strip(' *') and not any(n in line for n in _NOISE)]
       if kept:
         print('\n'.join(kept), file=sys.stderr, flush=True)
 

@@ -193,6 +193,20 @@ def test_batch_unit_is_what_the_mesh_and_the_recipes_groups_allow():
   assert unit('--config=configs/quickstart.py', '--config.accum_steps=3') == 24
 
 
+@pytest.mark.parametrize('platform', ['tpu', 'gpu'])
+def test_every_compile_table_row_names_a_valid_config_and_topology(platform):
+  """BENCHMARKS.md's tables come from these rows (`bench compile-table`): a renamed recipe argument or field breaks
+  them here, not in the next regeneration."""
+  from mixer_jax import cli, compile_tables, gpus
+  rows = compile_tables.ROWS[platform]
+  assert sorted(sum((compile_tables.rows_of(platform, f'{i}/3') for i in range(3)), []), key=rows.index) == list(rows)
+  for row in rows:
+    config = cli.load_config(list(row.config))
+    assert config.input.batch_size > 0
+    assert gpus.is_gpu_topology(row.topology) == (platform == 'gpu')
+    gpus.topology_name(row.topology) if platform == 'gpu' else aot.topology_name(row.topology)
+
+
 def test_largest_batch_search():
   """On a memory curve that is not quite linear, the search ends at the exact largest multiple of the unit that
   fits, in a few tries, from below or from above."""
