@@ -79,6 +79,7 @@ def test_grouped_mix_is_timm_batch_mixup_on_each_group(layout):
       mixup.mix(jax.random.PRNGKey(0), images, labels, **MIX, group_size=1, layout=layout)
 
 
+@pytest.mark.slow
 def test_groups_straddling_devices_move_what_global_mixing_moves():
   """On 8 devices of 6 examples, groups of 4 straddle devices: `pairing` mirrors them, and the compiled mixing
   moves images between devices exactly as mixing the whole batch does (one collective permute of its reverse),
