@@ -11,8 +11,6 @@ import pytest
 from mixer_jax import aot, bench, flops, gpus, hlo, models
 from test_aot import BATCH, MESHES, reports, state_bytes_per_device  # noqa: F401 (reports: a fixture)
 
-pytestmark = pytest.mark.skipif(gpus.compiler_dir() is None, reason='make gpu-compiler installs XLA:GPU\'s compiler '
-                                '(make test does; this skip only serves a bare pytest without it)')
 RESOLVED = {'h100:8': {'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (2, 1, 4)},
             'h100:2x8': {'data': (16, 1, 1), 'fsdp': (1, 16, 1), 'tensor': (4, 1, 4)}}
 

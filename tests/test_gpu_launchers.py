@@ -6,15 +6,12 @@ import subprocess
 
 import pytest
 
-from mixer_jax import gpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FITS = ['--config=configs/quickstart.py', '--config.input.batch_size=64']
 # 2.1 billion parameters: 32 GiB per A100 (of the 30 GiB JAX may use), in data parallel
 TOO_LARGE = [*FITS, '--config.model.hidden_dim=8192', '--config.model.channels_mlp_dim=32768']
 H100 = 'NVIDIA H100 80GB HBM3'
-needs_compiler = pytest.mark.skipif(gpus.compiler_dir() is None, reason="make gpu-compiler installs XLA:GPU's "
-                                    'compiler (make test does; this skip only serves a bare pytest without it)')
 
 
 def _path_without(command: str) -> list[str]:
@@ -53,7 +50,6 @@ def srun_calls(srun_log):
   return srun_log.read_text().splitlines() if srun_log.exists() else []
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_gpu_host_check_compiles_for_the_visible_gpus(machine):
   run, _ = machine
@@ -65,7 +61,6 @@ def test_gpu_host_check_compiles_for_the_visible_gpus(machine):
   assert ok.stdout.rstrip().endswith(f'pre-launch check: the train step fits on {H100}:1x2')
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_slurm_per_node_checks_once_then_starts_srun(machine):
   run, srun_log = machine
@@ -78,7 +73,6 @@ def test_slurm_per_node_checks_once_then_starts_srun(machine):
                          ' --workdir=')
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_slurm_per_gpu_refuses_what_does_not_fit(machine):
   run, srun_log = machine
@@ -92,7 +86,6 @@ def test_slurm_per_gpu_refuses_what_does_not_fit(machine):
   assert srun_calls(srun_log) == []
 
 
-@needs_compiler
 @pytest.mark.slow
 def test_gpu_host_refuses_a_gpu_it_cannot_compile_for(machine):
   run, _ = machine
