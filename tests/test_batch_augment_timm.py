@@ -191,6 +191,7 @@ def test_random_erasing_statistics():
   assert (top == 0).any() and (left == 0).any() and (top + h == size).any() and (left + w == size).any()
 
 
+@pytest.mark.slow
 def test_train_step_erases_after_mixup_on_the_mesh(monkeypatch):
   """The step on 8 devices erases what `mix` returned, with its own key: its loss is the model's on the batch
   erased here with split(step rng, 3)[2] on one device. (Mixup is off: its Beta sampler would double the compile

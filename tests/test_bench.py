@@ -43,6 +43,7 @@ def test_timed_calls_take_turns():
   assert [len(t) for t in times.values()] == [2, 2]
 
 
+@pytest.mark.slow
 def test_peak_override_gives_mfu(capsys):
   row = bench.model_benchmark('mixer_s32', mode='infer', batch=8, res=64, steps=1, repeats=1, warmup=0, peak=0.5,
                               model_options=dict(hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
@@ -50,6 +51,7 @@ def test_peak_override_gives_mfu(capsys):
   assert row['mfu'] == pytest.approx(row['images_per_s'] * row['xla_gflops_per_image'] / (0.5e3 * 8))
 
 
+@pytest.mark.slow
 def test_scanned_blocks_take_mfu_from_the_analytic_count(tmp_path, capsys):
   """XLA's cost analysis counts a scanned loop body once; `scan_blocks=true` (lower-case, as typed) scans."""
   jsonl = tmp_path / 'bench.jsonl'

@@ -147,7 +147,11 @@ KINDS = ['safetensors', 'pth', 'pth.tar (state_dict, module.)', 'official']
 
 
 # MLP-Mixer has no official PyTorch release (Google publishes .npz): its 'official' case does not exist.
-@pytest.mark.parametrize('family,kind', [(f, k) for f in FAMILIES for k in KINDS if (f, k) != ('mixer', 'official')])
+# DaViT's cases compile its model (5-8 s each on 2 cores): make test only; test_convert_timm.py keeps one in make
+# test-fast.
+@pytest.mark.parametrize('family,kind', [
+    pytest.param(f, k, marks=pytest.mark.slow if f == 'davit' else ())
+    for f in FAMILIES for k in KINDS if (f, k) != ('mixer', 'official')])
 def test_pytorch_files_match_timm_logits(tmp_path, family, kind):
   name, options, timm_model, res = FAMILIES[family]
   module = ref.create(timm_model, calibration_size=res)
@@ -232,6 +236,7 @@ def test_finetune_init_reinitialises_only_a_head_of_another_size(tmp_path):
   assert report == 'loaded 28 arrays; re-initialised (zeros): head/bias, head/kernel; left out: none'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('keep_head', [False, True])
 def test_finetune_init_replaces_a_head_of_the_same_size_unless_kept(tmp_path, keep_head):
   """vit_jax: fine-tuning starts from a zero head even when the classes match (ImageNet from an ImageNet
@@ -294,6 +299,7 @@ def test_run_fine_tunes_from_an_orbax_workdir(tmp_path):
   assert metrics['step'] == 2 and metrics['test/count'] == 24
 
 
+@pytest.mark.slow
 def test_converters_see_the_per_block_layout_of_scanned_models(tmp_path):
   """scan_blocks=True changes nothing a converter returns: Google's .npz, timm files and a scanned run's orbax
   checkpoint all load per block, `models.stack_blocks` turns them into the scanned model's variables (the per-block

@@ -50,6 +50,7 @@ def names(batches, key='file_name'):
 # ------------------------------------------------------------------------------------------------ train stream
 
 
+@pytest.mark.slow
 def test_stream_is_a_pure_function_of_seed_and_step(folder):
   # shuffle_buffer 16 < 45 examples: windowed shuffle with a random phase; 14 batches of 8 span 2.5 epochs.
   full = stream(folder, 14, pp=TRAIN_PP, shuffle_buffer=16)
@@ -83,6 +84,7 @@ def test_resume_skips_whole_epochs_without_reading_them(folder):
   assert time.perf_counter() - start < 5 and len(set(late['file_name'])) == 8
 
 
+@pytest.mark.slow
 def test_global_order_is_the_same_on_any_number_of_processes(folder):
   """split_per_process=False: the two processes' rows of each global batch, augmentations included, are the
   single process's batch, also when the stream is re-created at a later step."""
@@ -171,6 +173,7 @@ def test_missing_tfds_datasets_fail_at_once_with_instructions(tmp_path):
   assert time.perf_counter() - start < 20  # no network wait
 
 
+@pytest.mark.slow
 def test_tfds_paths_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=10):
     for dataset, split, pp in [

@@ -23,12 +23,19 @@ WIDTH = {'mixer_s': 512, 'mixer_b': 768, 'mixer_l': 1024, 'mixer_h': 1280, 'conv
          'convmixer_768': 768, 'convmixer_1024': 1024, 'convmixer_256': 256, 'davit_tiny': 768,
          'davit_small': 768, 'davit_base': 1024, 'davit_large': 1536, 'davit_huge': 2048, 'davit_giant': 3072}
 
+# make test-fast checks a few small variants of each family; tracing each large one takes 2-8 s on 2 cores.
+SMALL = ('mixer_s32', 'mixer_s16', 'mixer_b32', 'mixer_b16', 'convmixer_256_8', 'davit_tiny')
+
+
+def by_size(names):
+  return [pytest.param(n, marks=() if n in SMALL else pytest.mark.slow) for n in names]
+
 
 def test_every_variant_is_registered():
   assert set(models.names()) == set(PUBLISHED_PARAMS) | {'convmixer_256_8'}
 
 
-@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
+@pytest.mark.parametrize('name', by_size(sorted(PUBLISHED_PARAMS)))
 def test_parameter_count_matches_published(name):
   variables = models.abstract_variables(models.create(name, num_classes=1000))
   assert models.count_params(variables['params']) == PUBLISHED_PARAMS[name]
@@ -39,7 +46,7 @@ def test_convmixer_cifar_parameter_count():
   assert models.count_params(variables['params']) == 594_186
 
 
-@pytest.mark.parametrize('name', models.names())
+@pytest.mark.parametrize('name', by_size(models.names()))
 def test_output_shapes(name):
   model = models.create(name, num_classes=1000)
   size = 32 if name == 'convmixer_256_8' else 224
@@ -69,7 +76,7 @@ def test_mixer_b16_tree_is_googles_npz_layout():
   assert len(expected) == 150 and got == expected
 
 
-@pytest.mark.parametrize('name', ['mixer_b16', 'convmixer_768_32', 'davit_tiny'])
+@pytest.mark.parametrize('name', ['mixer_b16', pytest.param('convmixer_768_32', marks=pytest.mark.slow), 'davit_tiny'])
 def test_every_parameter_has_logical_axis_names(name):
   model = models.create(name, num_classes=1000)
   specs = traverse_util.flatten_dict(models.logical_axes(model)['params'])
@@ -119,7 +126,8 @@ def _tiny(name, **overrides):
   return models.create(name, num_classes=5, **{**kwargs, **overrides})
 
 
-@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8', pytest.param('davit_tiny', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name', ['mixer_s32', *(pytest.param(n, marks=pytest.mark.slow)
+                                                for n in ('convmixer_256_8', 'davit_tiny'))])
 def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
   f32 = _tiny(name)
   bf16 = _tiny(name, dtype='bfloat16')
@@ -132,6 +140,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
   assert np.allclose(got, want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
 
 
+@pytest.mark.slow
 def test_davit_runs_at_sizes_that_are_not_window_or_stride_multiples():
   model = _tiny('davit_tiny')
   variables = _init('davit_tiny')
@@ -246,6 +255,7 @@ def test_mixer_stochastic_depth_schedule():
   np.testing.assert_array_equal(train['block_2'], train['block_1'])
 
 
+@pytest.mark.slow
 def test_davit_official_drop_path_schedule():
   rates = davit.drop_path_rates((1, 1, 3, 1), 0.1)
   assert len(rates) == 12 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
@@ -297,8 +307,10 @@ def _train_loss_grads_stats(model, variables, images):
   return value, grads, updated
 
 
-# DaViT's cases compile its training step twice (20-40 s each on 2 cores): make test only
-@pytest.mark.parametrize('name,policy', [('mixer_s32', True), ('convmixer_256_8', True),
+# make test-fast keeps the Mixer's 'dots'; DaViT's cases compile its training step twice
+# (20-40 s each on 2 cores): make test only
+@pytest.mark.parametrize('name,policy', [pytest.param('mixer_s32', True, marks=pytest.mark.slow),
+                                         pytest.param('convmixer_256_8', True, marks=pytest.mark.slow),
                                          pytest.param('davit_tiny', True, marks=pytest.mark.slow),
                                          ('mixer_s32', 'dots'),
                                          pytest.param('davit_tiny', 'dots_no_batch', marks=pytest.mark.slow)])
@@ -315,7 +327,7 @@ def test_remat_changes_memory_not_results(name, policy):
   remat.apply(variables, images, train=True, mutable=['batch_stats'])
 
 
-@pytest.mark.parametrize('name', ['mixer_s32', 'convmixer_256_8'])
+@pytest.mark.parametrize('name', ['mixer_s32', pytest.param('convmixer_256_8', marks=pytest.mark.slow)])
 def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
   """scan_blocks=True (with and without remat) holds the per-block variables stacked (`models.stack_blocks`) and gives
   the same logits, gradients and BatchNorm updates in training mode; its logical axes gain 'layers'."""
@@ -336,6 +348,7 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
+@pytest.mark.slow
 def test_scanned_mixer_keeps_the_stochastic_depth_schedule():
   """Scanned blocks get their rate i/(L-1) * stoch_depth as a traced scalar: with two blocks at stoch_depth 1
   the first never drops and the second always does, exactly as unrolled."""

@@ -173,7 +173,9 @@ def test_mixer_token_grid_and_bad_inputs():
   assert resize.resize_mixer(params, old_grid=(4, 2), new_grid=(4, 2)) == (params, 8)
 
 
-@pytest.mark.parametrize('name, new_size', [('davit_tiny', 384), ('convmixer_768_32', 448)])  # 448: patch 7
+# 448: ConvMixer-768/32's patch is 7
+@pytest.mark.parametrize('name, new_size', [('davit_tiny', 384),
+                                            pytest.param('convmixer_768_32', 448, marks=pytest.mark.slow)])
 def test_convmixer_and_davit_need_no_surgery(name, new_size):
   """Their parameters do not depend on the resolution: the 224 variables apply unchanged at the new size (flax
   checks every parameter's shape against the module's declaration at the new size)."""

@@ -214,6 +214,7 @@ def test_metrics_jsonl_resumes_as_one_run(tmp_path, resumed_at, evaluations_repe
   assert [(r['step'], *(k.split('/')[0] for k in r if k != 'step')) for r in left] == kept
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
   config = tiny_config(data_dir, 'mixer')
   model = trainer.build_model(config)
@@ -297,6 +298,7 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
   assert [r['step'] for r in rows if 'test/top1' in r] == [steps]
 
 
+@pytest.mark.slow
 def test_train_accuracy_counts_the_dominant_label_under_smoothing(data_dir):
   """Mixer's head starts at zero, so every first-step prediction is class 0: the accuracy is the share of
   class-0 examples, not 1 (with smoothed labels every class has a positive target)."""
