@@ -6,7 +6,8 @@ A checkpoint is the whole train state (params, optimizer state, batch_stats, ste
 shapes and dtypes; `ocdbt.process_<i>/d/` the data, with chunks of up to 1 KiB inline in the index nodes that
 `d/` holds) and, in the step's `_CHECKPOINT_METADATA`, a checksum of every array (`custom_metadata
 ['state_checksums']`: leaf path -> [sum, index-weighted sum] of the array's bits as uint32 words, mod 2**32). Both
-are written inside orbax's temporary directory, which is renamed when the save is complete, so `latest_step()` only
+are written inside orbax's temporary directory, which is renamed when the save is complete (in a bucket, where a
+folder cannot be renamed, orbax writes the step in place and its `commit_success.txt` last), so `latest_step()` only
 ever sees complete checkpoints with their checksums, and an interrupted save is ignored on resume. The checksum is
 one jitted pass over the state where it lies, at save steps only; integer sums are exact in any order, so it does
 not depend on the mesh: a checkpoint written on 8 devices verifies on 1.
@@ -26,7 +27,6 @@ Must not: decide when to save (the trainer does), know what is inside the state 
 devices), or delete a checkpoint beyond orbax's keep policy (damaged ones are moved aside, never deleted).
 """
 import itertools
-import os
 import signal
 import sys
 import threading
@@ -38,8 +38,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mixer_jax import paths
+
 CHECKSUMS = 'state_checksums'  # the key in the step's custom metadata
 _SHOWN = 4  # differing leaves named in a message
+_COMMIT_MARKER = 'commit_success.txt'  # in a bucket, orbax takes a step folder for a checkpoint once this is in it
 
 
 class _Damaged(Exception):
@@ -56,9 +59,10 @@ class Checkpointer:
     if keep_every_steps is not None and keep_every_steps < 1:
       raise ValueError(f'checkpoint.keep_every_steps={keep_every_steps}: set None (keep only the last '
                        'checkpoint.keep) or >= 1 (also keep every checkpoint at a multiple of it)')
-    workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, 'checkpoints')
-    self.damaged_directory = os.path.join(workdir, 'checkpoints_damaged')
+    paths.configure_clients()
+    workdir = paths.resolve(workdir)
+    self.directory = paths.join(workdir, 'checkpoints')
+    self.damaged_directory = paths.join(workdir, 'checkpoints_damaged')
     # The handler registered up front lets metadata(step) read a checkpoint's tree before anything is restored.
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),
@@ -145,11 +149,10 @@ class Checkpointer:
 
   def _move_aside(self, step: int) -> str:
     """Moves checkpoint `step` into `damaged_directory` (under a fresh name) and forgets it; returns where."""
-    target = _unused_path(os.path.join(self.damaged_directory, str(step)))
+    target = _unused_path(paths.join(self.damaged_directory, str(step)))
     _barrier('mixer_jax.checkpoint: damaged target chosen')  # before process 0 takes the name
     if jax.process_index() == 0:
-      os.makedirs(self.damaged_directory, exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), target)
+      paths.move(paths.join(self.directory, str(step)), target, marker=_COMMIT_MARKER)
     _barrier('mixer_jax.checkpoint: damaged moved')
     self._manager.reload()
     return target
@@ -297,7 +300,7 @@ def _barrier(name: str) -> None:
 
 def _unused_path(path: str) -> str:
   return next(p for p in itertools.chain([path], (f'{path}.{i}' for i in itertools.count(1)))
-              if not os.path.exists(p))
+              if not paths.at(p).exists())
 
 
 class Preemption:

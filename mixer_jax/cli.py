@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 from absl import flags as absl_flags
 
 # Libraries that log every file they touch at INFO; their warnings still show.
-_QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/jax/_src/xla_bridge.py')
+_QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/gcsfs/', '/fsspec/', '/jax/_src/xla_bridge.py')
 # What bad input raises: configs, shapes, files and folders (OSError: missing, unwritable, a file where a folder
 # should be), a diverging run. Anything else is a bug and keeps its stack.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)

@@ -1,14 +1,29 @@
-"""The paths a user gives (workdirs, checkpoints, data folders, outputs) as the file system sees them.
+"""The paths a user gives (workdirs, checkpoints, data folders, outputs), local or in a bucket (`gs://`): their
+spelling, the files the project itself writes under them, and the bucket check a run makes before anything else.
 
-A command may be run from any directory and its workdir read later from another one (`eval.py` reads the config.json
-that `train.py` wrote), and orbax refuses relative paths, so every path is made absolute where it enters: `~` is
-expanded, relative paths are taken from the current directory, and a trailing slash is dropped. URLs
+Spelling: a command may be run from any directory and its workdir read later from another one (`eval.py` reads the
+config.json that `train.py` wrote), and orbax refuses relative paths, so every path is made absolute where it
+enters: `~` is expanded, relative paths are taken from the current directory, and a trailing slash is dropped. URLs
 (`gs://bucket/run`) are left as they are.
 
-This module owns that spelling. It must not open or create anything.
+Buckets: a run reaches Cloud Storage through three clients. orbax writes a checkpoint's arrays through tensorstore
+and commits the step by writing its `commit_success.txt` last (a bucket cannot rename a folder atomically);
+everything else the project writes (metrics.jsonl, config.json, checkpoint folders moved aside) goes through
+`at()`, etils.epath on fsspec/gcsfs; TensorBoard events and tfds datasets go through TensorFlow's own GCS file
+system. epath is kept off TensorFlow's (`EPATH_USE_TF=0`): through it orbax loops forever on a missing bucket.
+`STORAGE_EMULATOR_HOST=http://HOST:PORT`, the variable Google's storage clients read, points tensorstore and gcsfs
+at a GCS emulator too (`configure_clients` derives their own settings from it); TensorFlow's file system has
+Google's endpoint built in and reads no such variable.
+
+Must not: decide what a run writes or when (the trainer and checkpoint modules do).
 """
 import os
 import re
+import socket
+
+from etils import epath
+
+CHECK_SECONDS = 10  # how long the bucket check waits for each request before it calls the bucket unreachable
 
 
 def is_url(path: str) -> bool:
@@ -21,3 +36,154 @@ def resolve(path: str | None) -> str | None:
     return path
   return os.path.abspath(os.path.expanduser(path))
 
+
+def join(path: str, *names: str) -> str:
+  """`path`/`names`, for a URL as for a local path."""
+  return '/'.join([path.rstrip('/'), *names]) if is_url(path) else os.path.join(path, *names)
+
+
+def at(path: str) -> epath.Path:
+  """`path` (resolved) as a pathlib-like object that reads, writes, lists and moves in buckets as on disks."""
+  return epath.Path(resolve(path))
+
+
+# ---------------------------------------------------------------------------------------------------- buckets
+def client_settings(environ=os.environ) -> dict[str, str]:
+  """The storage clients' settings that `environ` implies: epath on gcsfs always, and with STORAGE_EMULATOR_HOST
+  tensorstore's endpoint and what an emulator needs."""
+  settings = {'EPATH_USE_TF': '0'}
+  emulator = environ.get('STORAGE_EMULATOR_HOST')
+  if emulator:
+    # An emulator has no hierarchical namespaces to probe for (gcsfs would log its failed probe dozens of times),
+    # and takes any token (tensorstore would first wait 2-3 s for a metadata server to give it credentials).
+    settings.update(TENSORSTORE_GCS_HTTP_URL=emulator if '://' in emulator else f'http://{emulator}',
+                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false', GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
+  return settings
+
+
+def configure_clients() -> None:
+  """Applies `client_settings` before the first file is opened; settings the user made are kept. An emulator is
+  used anonymously (gcsfs would first look for credentials and log that there are none)."""
+  for name, value in client_settings().items():
+    os.environ.setdefault(name, value)
+  if os.environ.get('STORAGE_EMULATOR_HOST'):
+    import fsspec
+    fsspec.config.conf.setdefault('gs', {}).setdefault('token', 'anon')
+
+
+def endpoint() -> str:
+  return os.environ.get('STORAGE_EMULATOR_HOST') or 'https://storage.googleapis.com'
+
+
+def check_writable(url: str, what: str, timeout: float = CHECK_SECONDS) -> None:
+  """Raises one line now, within about `timeout` seconds, if `url` (gs://bucket/prefix) cannot be written: no
+  credentials, no such bucket, no permission, or no answer from the endpoint. Writes and deletes one empty object
+  under the prefix (a bucket's permissions are checked by using them)."""
+  if not url.startswith('gs://'):
+    raise ValueError(f'{what} {url}: only gs:// buckets are supported among URLs: give gs://BUCKET/PATH or a local '
+                     'path')
+  bucket, _, prefix = url[len('gs://'):].partition('/')
+  if not bucket:
+    raise ValueError(f'{what} {url}: name a bucket, e.g. gs://my-bucket/runs/mixer')
+  configure_clients()
+  import google.auth.exceptions
+  import requests
+  from google.api_core import exceptions
+  from google.cloud import storage
+  name = '/'.join(filter(None, [prefix.strip('/'), f'.write_check.{socket.gethostname()}.{os.getpid()}']))
+  try:
+    blob = storage.Client(project=os.environ.get('GOOGLE_CLOUD_PROJECT', '_')).bucket(bucket).blob(name)
+    blob.upload_from_string(b'', timeout=timeout, retry=None)
+    blob.delete(timeout=timeout, retry=None)
+  except google.auth.exceptions.DefaultCredentialsError:
+    raise ValueError(f'{what} {url}: no Google Cloud credentials on this machine: run `gcloud auth application-default '
+                     'login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key file') from None
+  except exceptions.NotFound:
+    raise ValueError(f'{what} {url}: the bucket gs://{bucket} does not exist: create it (gcloud storage buckets '
+                     f'create gs://{bucket}) or correct the name') from None
+  except (exceptions.Forbidden, exceptions.Unauthorized) as error:
+    raise ValueError(f'{what} {url}: these credentials may not write to gs://{bucket} ({error.code}): grant them '
+                     'roles/storage.objectUser on the bucket, or use another bucket') from None
+  except (requests.exceptions.RequestException, google.auth.exceptions.TransportError,
+          exceptions.ServerError) as error:
+    raise ValueError(f'{what} {url}: no answer from {endpoint()} within {timeout:g} s '
+                     f'({type(error).__name__}): check the network{_emulator_hint()}') from None
+
+
+def _emulator_hint() -> str:
+  if os.environ.get('STORAGE_EMULATOR_HOST'):
+    return ' and that the emulator STORAGE_EMULATOR_HOST names is running'
+  return ''
+
+
+# ------------------------------------------------------------------------------------------------------ files
+def write_whole(path: str, text: str) -> None:
+  """Writes `text` to `path` so that a reader sees the old file or the new one, never a part: locally through a
+  temporary file and a rename; in a bucket by one upload (an object appears whole)."""
+  if is_url(path):
+    at(path).write_text(text)
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def move(source: str, target: str, *, marker: str | None = None) -> None:
+  """Moves the folder `source` to `target`, creating target's parent. In a bucket a folder is its objects, and a
+  move is a copy and a delete of each: the objects are copied, then `marker` (the file whose presence tells readers
+  the folder is complete) is deleted from `source` before the rest, so an interrupted move never leaves a partial
+  folder that looks complete at the source."""
+  if not is_url(source):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(source, target)
+    return
+  folder = at(source)
+  for name in files(source):
+    (folder / name).copy(at(join(target, name)))
+  if marker and (folder / marker).exists():
+    (folder / marker).unlink()
+  folder.rmtree()
+
+
+def files(folder: str) -> list[str]:
+  """The names of the files under `folder`, at any depth, relative to it ('a/b.txt')."""
+  top = at(folder)
+  prefix = len(_without_scheme(str(top)).rstrip('/'))  # gcsfs names the folders it walks without gs://
+  return sorted('/'.join(filter(None, [_without_scheme(str(parent))[prefix:].strip('/'), name]))
+                for parent, _, names in top.walk() for name in names)
+
+
+def _without_scheme(path: str) -> str:
+  return re.sub(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', '', path)
+
+
+def upload_tree(local: str, url: str) -> None:
+  """Copies the files under the local folder `local` to the same names under `url`."""
+  for folder, _, names in os.walk(local):
+    for name in names:
+      source = os.path.join(folder, name)
+      at(join(url, *os.path.relpath(source, local).split(os.sep))).write_bytes(epath.Path(source).read_bytes())
+
+
+class Log:
+  """A text file that grows by lines, each one stored when `write` returns (a kill tears at most the line being
+  written): appended to on a disk; rewritten whole in a bucket, whose objects cannot be appended to (gcsfs's 'a'
+  mode would silently overwrite)."""
+
+  def __init__(self, path: str, text: str = ''):
+    """Starts the file at `path` with `text` (replacing what it held)."""
+    self._path, self._text = path, text
+    write_whole(path, text)
+    self._file = None if is_url(path) else open(path, 'a')
+
+  def write(self, line: str) -> None:
+    if self._file is None:
+      self._text += line
+      at(self._path).write_text(self._text)
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()

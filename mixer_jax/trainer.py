@@ -19,6 +19,8 @@ import json
 import math
 import os
 import resource
+import shutil
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -343,17 +345,14 @@ class _JsonlWriter(metric_writers.MetricWriter):
   evaluates once more)."""
 
   def __init__(self, path: str, *, start_step: int, evaluations_repeat: bool):
-    rows = []
-    if os.path.exists(path):
-      with open(path) as f:
-        rows = [(line, _row(line)) for line in f if line.strip()]
-    with open(path, 'w') as f:
-      f.writelines(line for line, row in rows if row and _kept(row, start_step, evaluations_repeat))
-    self._file = open(path, 'a')
+    file = paths.at(path)
+    lines = file.read_text().splitlines(keepends=True) if file.exists() else []
+    rows = [(line, _row(line)) for line in lines if line.strip()]
+    self._log = paths.Log(path, ''.join(line for line, row in rows
+                                        if row and _kept(row, start_step, evaluations_repeat)))
 
   def write_scalars(self, step: int, scalars) -> None:
-    self._file.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._file.flush()  # a kill leaves at most the line being written torn
+    self._log.write(json.dumps({'step': step, **scalars}) + '\n')
 
   def _not_scalars(self, *args, **kwargs) -> None:
     """metrics.jsonl holds scalars only: the TensorBoard writer beside it takes everything else."""
@@ -362,10 +361,10 @@ class _JsonlWriter(metric_writers.MetricWriter):
   write_hparams = _not_scalars
 
   def flush(self) -> None:
-    self._file.flush()
+    """Every line is stored as it is written."""
 
   def close(self) -> None:
-    self._file.close()
+    self._log.close()
 
 
 def _row(line: str) -> dict | None:
@@ -385,12 +384,12 @@ def _kept(row: dict, step: int, evaluations_repeat: bool) -> bool:
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Creates `workdir`; a path that cannot be one (a file, an unwritable place) is a one-line error now, not
-  after the data are read and the step compiled."""
-  if paths.is_url(workdir):  # os.makedirs would make a local folder named like it
-    raise ValueError(f'--workdir {workdir}: object-store URLs are not supported for the workdir (each host would '
-                     'write into a local folder of that name): mount the bucket on every host (gcsfuse BUCKET '
-                     '/gcs/BUCKET) and give the mounted path, or use a shared file system')
+  """Creates `workdir`; a path that cannot be one (a file, an unwritable place, a bucket that does not exist or does
+  not answer) is a one-line error now, not after the data are read and the step compiled."""
+  paths.configure_clients()
+  if paths.is_url(workdir):
+    paths.check_writable(workdir, '--workdir')
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is a file: give a directory (it is created if missing)')
   try:
@@ -411,18 +410,28 @@ def profile_steps(config, total_steps: int) -> range:
   return range(first, first + count)
 
 
-def _stop_trace(state, trace_dir: str) -> None:
+def _start_trace(trace_dir: str) -> str:
+  """Starts tracing; returns the local folder the profiler writes to (JAX's profiler writes local files only: a
+  bucket's trace goes to a temporary folder first)."""
+  local = tempfile.mkdtemp(prefix='mixer_jax_profile_') if paths.is_url(trace_dir) else trace_dir
+  jax.profiler.start_trace(local, create_perfetto_trace=True)
+  return local
+
+
+def _stop_trace(state, local: str, trace_dir: str) -> None:
   jax.block_until_ready(state)  # the trace must hold the devices' work, not just its dispatch
   jax.profiler.stop_trace()
+  if local != trace_dir:
+    paths.upload_tree(local, trace_dir)
+    shutil.rmtree(local)
   logging.info('profile written to %s (TensorBoard on the workdir, profile tab; Perfetto: its '
-               'perfetto_trace.json.gz)', os.path.join(trace_dir, 'plugins', 'profile'))
+               'perfetto_trace.json.gz)', paths.join(trace_dir, 'plugins', 'profile'))
 
 
 def _saved_init_overrides(workdir: str) -> dict | None:
   """The model options this run's first start resolved from `config.init` (config.json; None: not recorded)."""
   try:
-    with open(os.path.join(workdir, convert.RUN_CONFIG)) as f:
-      saved = json.load(f).get('init_overrides')
+    saved = json.loads(paths.at(paths.join(workdir, convert.RUN_CONFIG)).read_text()).get('init_overrides')
   except (OSError, ValueError, AttributeError):  # missing, torn, or not a JSON object
     return None
   return saved if isinstance(saved, dict) else None
@@ -431,14 +440,11 @@ def _saved_init_overrides(workdir: str) -> dict | None:
 def write_config(workdir: str, config, init_overrides: dict | None) -> None:
   """config.json: the run's config and, for a fine-tuning run, `init_overrides`, the model options its `init`
   checkpoint decided, which a resumed run builds its model with instead of reading the checkpoint again. Written
-  whole (then renamed): another process may be reading it."""
+  whole: another process may be reading it."""
   record = json.loads(config.to_json_best_effort())
   if config.init:
     record['init_overrides'] = init_overrides
-  path = os.path.join(workdir, convert.RUN_CONFIG)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  paths.write_whole(paths.join(workdir, convert.RUN_CONFIG), json.dumps(record, indent=2))
 
 
 def evaluate(evals: dict, state: TrainState, step: int, writer) -> dict[str, float]:
@@ -516,7 +522,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, parameter_table: b
   # --- Metrics: logs on every process, TensorBoard and metrics.jsonl on process 0 ----------------------------
   writers = [metric_writers.create_default_writer(workdir, just_logging=not primary)]
   if primary:
-    writers.append(_JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), start_step=start_step,
+    writers.append(_JsonlWriter(paths.join(workdir, 'metrics.jsonl'), start_step=start_step,
                                 evaluations_repeat=start_step >= steps.total))
   writer = metric_writers.MultiWriter(writers)
 
@@ -544,18 +550,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None, parameter_table: b
   # --- Train loop ----------------------------------------------------------------------------------------
   # Throughput windows run from one log step to the next, without compilation and evaluations.
   history, last_log, last_metrics, stopped = [], (start_step, time.time()), {}, False
-  tracing, trace_dir = False, os.path.join(workdir, 'profile', f'process_{jax.process_index()}')
+  tracing, trace_dir = None, paths.join(workdir, 'profile', f'process_{jax.process_index()}')
   for step in range(start_step, steps.total):
     if step > start_step:  # the first step's batch is the one compiled on
       batch = sharding.global_batch(next(train_iter), mesh)
     if traced and step == traced.start:
-      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-      tracing = True
+      tracing = _start_trace(trace_dir)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = compiled(state, batch)
     if tracing and step + 1 == traced.stop:
-      _stop_trace(state, trace_dir)
-      tracing = False
+      _stop_trace(state, tracing, trace_dir)
+      tracing = None
     history.append((step + 1, metrics))
     done = step + 1
     if done % steps.log_every == 0 or done == steps.total:
@@ -586,7 +591,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, parameter_table: b
       last_metrics.update(evaluate(evals, state, done, writer))
       last_log = (last_log[0], last_log[1] + time.time() - t0)
   if tracing:  # preempted inside the traced steps
-    _stop_trace(state, trace_dir)
+    _stop_trace(state, tracing, trace_dir)
 
   # --- Final evaluation (also when the run had already finished; a preempted run evaluates when it does) ------
   if not stopped:

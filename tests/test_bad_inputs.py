@@ -106,7 +106,7 @@ TRAIN_CASES = [
     # flags and the workdir
     ((QUICK, '--workdir={tmp}/file'), 'is a file: give a directory'),
     ((QUICK, '--workdir={tmp}/file/run'), 'cannot be created'),
-    ((QUICK, '--workdir=gs://bucket/run'), 'object-store URLs are not supported for the workdir'),
+    ((QUICK, '--workdir=s3://bucket/run'), 'only gs:// buckets are supported among URLs'),
     ((QUICK, '--workdirr=x'), "Unknown command line flag 'workdirr'"),
     ((QUICK, '--num_processes=0'), '--num_processes=0'),
 ]

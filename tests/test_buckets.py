@@ -1,0 +1,157 @@
+"""Workdirs in a bucket (gs://) against a Cloud Storage emulator on loopback (tests/gcs_emulator.py): the run's files
+and checkpoints land in the bucket, a run killed mid-save resumes to the uninterrupted run's parameters, damaged and
+uncommitted steps are passed over, and a missing bucket or an endpoint that does not answer is one line within
+seconds."""
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import jax
+
+import gcs_emulator
+import train
+from mixer_jax import checkpoint, paths, trainer
+from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
+from test_train import TINY, _final_params, _train_py, data_dir, tiny_config  # noqa: F401 (data_dir: a fixture)
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture(scope='module')
+def emulator(tmp_path_factory):
+  server = gcs_emulator.Emulator(str(tmp_path_factory.mktemp('gcs')))
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch) -> str:
+  """A new empty bucket, with this process's storage clients pointed at the emulator."""
+  environment = emulator.environment()
+  for name, value in {**environment, **paths.client_settings(environment)}.items():
+    monkeypatch.setenv(name, value)
+  return emulator.make_bucket(f'bucket-{next(_BUCKETS)}')
+
+
+def _save(url: str, steps=(2, 4)) -> dict:
+  ckpt = checkpoint.Checkpointer(url, keep=3)
+  saved = {}
+  for step in steps:
+    state = _host_state(step)
+    ckpt.save(step, jax.device_put(state, _shardings(state, _mesh())))
+    saved[step] = state
+  ckpt.wait()
+  ckpt.close()
+  return saved
+
+
+def test_checkpoints_in_a_bucket_commit_without_renaming_and_restore(bucket):
+  saved = _save(f'{bucket}/run')
+  files = paths.files(f'{bucket}/run/checkpoints')
+  assert {'2/commit_success.txt', '4/commit_success.txt', '4/_CHECKPOINT_METADATA'} <= set(files)
+  assert not [f for f in files if 'tmp' in f]
+  ckpt = checkpoint.Checkpointer(f'{bucket}/run', keep=3)
+  _assert_identical(ckpt.restore_newest(_abstract(saved[4], _mesh())), saved[4])
+
+
+def test_a_step_without_its_commit_marker_is_not_a_checkpoint(bucket):
+  saved = _save(f'{bucket}/run')
+  paths.at(f'{bucket}/run/checkpoints/4/commit_success.txt').unlink()  # a save cut short before its commit
+  ckpt = checkpoint.Checkpointer(f'{bucket}/run', keep=3)
+  assert ckpt.latest_step() == 2
+  _assert_identical(ckpt.restore_newest(_abstract(saved[2], _mesh())), saved[2])
+
+
+def test_a_damaged_step_in_a_bucket_is_moved_aside_and_the_one_before_restored(bucket):
+  saved = _save(f'{bucket}/run')
+  needle = saved[4]['params']['dense']['kernel'][100].tobytes()[:16]
+  for name in paths.files(f'{bucket}/run/checkpoints/4/default'):
+    blob = paths.at(f'{bucket}/run/checkpoints/4/default/{name}')
+    content = blob.read_bytes()
+    if (at := content.find(needle)) >= 0:
+      blob.write_bytes(content[:at] + bytes(b ^ 0x5A for b in needle[:8]) + content[at + 8:])
+      break
+  else:
+    raise AssertionError('the kernel\'s bytes are in no object of step 4')
+  ckpt = checkpoint.Checkpointer(f'{bucket}/run', keep=3)
+  _assert_identical(ckpt.restore_newest(_abstract(saved[4], _mesh())), saved[2])
+  assert ckpt.latest_step() == 2 and not paths.files(f'{bucket}/run/checkpoints/4')
+  moved = paths.files(f'{bucket}/run/checkpoints_damaged/4')
+  assert 'commit_success.txt' in moved and '_CHECKPOINT_METADATA' in moved
+
+
+def test_metrics_jsonl_in_a_bucket_resumes_as_one_run_and_keeps_every_line(bucket):
+  path = f'{bucket}/run/metrics.jsonl'
+  rows = [{'step': s, f'{k}/loss': 1.0} for s in (2, 4, 6) for k in ('train', 'test')]
+  paths.at(path).write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 8, "tr')
+  writer = trainer._JsonlWriter(path, start_step=4, evaluations_repeat=False)
+  writer.write_scalars(5, {'train/loss': 0.5})
+  writer.write_scalars(6, {'train/loss': 0.25})  # a bucket cannot append: each line rewrites the object
+  writer.close()
+  left = [json.loads(line) for line in paths.at(path).read_text().splitlines()]
+  assert [r['step'] for r in left] == [2, 2, 4, 4, 5, 6] and left[-1] == {'step': 6, 'train/loss': 0.25}
+
+
+def _one_line_exit(argv, within: float) -> str:
+  start = time.time()
+  with pytest.raises(SystemExit) as error:
+    train.command(['train.py', *argv])
+  assert time.time() - start < within
+  message = str(error.value)
+  assert '\n' not in message and 'Traceback' not in message
+  return message
+
+
+@pytest.mark.parametrize('case,expected', [
+    ('missing bucket', 'the bucket gs://{bucket}-missing does not exist: create it'),
+    ('no answer', 'no answer from http://127.0.0.1:'),
+    ('no credentials', 'no Google Cloud credentials on this machine: run `gcloud auth application-default login`'),
+])
+def test_a_bucket_that_cannot_be_used_is_one_line_before_anything_runs(bucket, monkeypatch, data_dir, case,
+                                                                         expected):
+  workdir = f'{bucket}-missing/run' if case == 'missing bucket' else f'{bucket}/run'
+  if case == 'no answer':
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{gcs_emulator._free_port()}')
+  if case == 'no credentials':  # Google's endpoint, with a credentials file that is not there: no request is made
+    monkeypatch.delenv('STORAGE_EMULATOR_HOST')
+    monkeypatch.setenv('GOOGLE_APPLICATION_CREDENTIALS', '/nonexistent/key.json')
+  message = _one_line_exit(['--config=configs/quickstart.py', f'--workdir={workdir}',
+                            f'--config.input.data_dir={data_dir}'], within=15)
+  assert message.startswith(f'error: --workdir {workdir}: {expected.format(bucket=bucket[5:])}'), message
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_killed_mid_save_resumes_to_the_uninterrupted_run(emulator, bucket, data_dir, tmp_path):
+  """Saving every step, SIGKILL lands during a save; the restarted run resumes from the newest committed step and
+  ends bitwise equal to a local run never stopped. metrics.jsonl, config.json and TensorBoard's events are in the
+  bucket; nothing is written to a local folder named like the URL."""
+  steps, workdir = 30, f'{bucket}/run'
+  straight = _train_py(tmp_path / 'straight', data_dir, steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  run = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT)
+  output = []
+  for line in run.stdout:
+    output.append(line)
+    if f'step 10/{steps}' in line:
+      run.send_signal(signal.SIGKILL)
+      break
+  assert run.wait(timeout=60) == -signal.SIGKILL, ''.join(output)
+  killed_at = checkpoint.Checkpointer(workdir, keep=2).latest_step()
+  assert killed_at is not None and killed_at < steps
+  resumed = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT)
+  output = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0 and 'resumed from' in output and f'finished at step {steps}' in output, output
+  assert straight.wait(timeout=300) == 0
+  a, b = _final_params(str(tmp_path / 'straight'), data_dir, steps), _final_params(workdir, data_dir, steps)
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))  # bitwise
+  rows = [json.loads(line) for line in paths.at(f'{workdir}/metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'train/loss' in r] == list(range(1, steps + 1))
+  files = paths.files(workdir)
+  assert 'config.json' in files and any(f.startswith('events.out.tfevents') for f in files)
+  assert not (tmp_path / 'gs:').exists() and not os.path.exists('gs:')
