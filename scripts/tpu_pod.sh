@@ -10,7 +10,7 @@
 #
 # Example:
 #   scripts/tpu_pod.sh train my-v3-32 europe-west4-a --config=configs/mixer_i1k.py \
-#       --workdir=/gcs/BUCKET/mixer_b16_i1k --config.input.data_dir=gs://BUCKET/tensorflow_datasets
+#       --workdir=gs://BUCKET/mixer_b16_i1k --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 #
 # Before `train` starts anything on the pod, this machine compiles the run's train and eval steps for the
 # slice's topology with libtpu's compiler (python -m mixer_jax.bench compile, no TPU needed) and refuses to
@@ -18,9 +18,8 @@
 # describe: v3-32 -> v3:4x4); set TOPOLOGY=v4:2x2x4 for a slice created with another shape.
 #
 # Expects: gcloud authenticated for the project; the dataset prepared with tfds in a GCS bucket every worker
-# reads (--config.input.data_dir), and the workdir on storage every worker shares, e.g. the bucket mounted on each
-# (gcsfuse --implicit-dirs BUCKET /gcs/BUCKET): orbax writes one checkpoint from all hosts; a gs:// workdir is
-# refused, as its file operations are local ones.
+# reads (--config.input.data_dir), and the workdir where every worker writes: a gs:// URL (orbax writes one
+# checkpoint from all hosts, each its own shards; every worker checks the bucket before it starts).
 # Every worker runs the same command; jax.distributed.initialize() finds the pod by itself, each host reads its
 # own slice of the data, and process 0 writes logs and metrics.
 set -euo pipefail
