@@ -24,7 +24,6 @@ are all checked before anything is loaded or compiled; a bad one ends the comman
 when run as a script.
 """
 import json
-import os
 import sys
 from typing import Any, NamedTuple
 
@@ -200,7 +199,7 @@ def check_arguments(fv) -> Plan:
                             f'{pretrained.download_hint(fv.checkpoint, entry)}') from None
   given = cli.parse_options(fv.model_options, '--model_options')
   run, name, options = inference.spec(fv.checkpoint, fv.model, given, entry)
-  config_path = os.path.join(paths.resolve(fv.checkpoint), convert.RUN_CONFIG)
+  config_path = paths.join(paths.resolve(fv.checkpoint), convert.RUN_CONFIG)
   convert.check_model(name, given, '--model' if run is None else config_path)
   mesh = sharding.make_mesh((-1, 1, 1))
   chosen = {}

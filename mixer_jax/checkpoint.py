@@ -42,7 +42,7 @@ from mixer_jax import paths
 
 CHECKSUMS = 'state_checksums'  # the key in the step's custom metadata
 _SHOWN = 4  # differing leaves named in a message
-_COMMIT_MARKER = 'commit_success.txt'  # in a bucket, orbax takes a step folder for a checkpoint once this is in it
+COMMIT_MARKER = 'commit_success.txt'  # in a bucket, orbax takes a step folder for a checkpoint once this is in it
 
 
 class _Damaged(Exception):
@@ -152,7 +152,7 @@ class Checkpointer:
     target = _unused_path(paths.join(self.damaged_directory, str(step)))
     _barrier('mixer_jax.checkpoint: damaged target chosen')  # before process 0 takes the name
     if jax.process_index() == 0:
-      paths.move(paths.join(self.directory, str(step)), target, marker=_COMMIT_MARKER)
+      paths.move(paths.join(self.directory, str(step)), target, marker=COMMIT_MARKER)
     _barrier('mixer_jax.checkpoint: damaged moved')
     self._manager.reload()
     return target

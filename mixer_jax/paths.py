@@ -62,13 +62,17 @@ def client_settings(environ=os.environ) -> dict[str, str]:
 
 
 def configure_clients() -> None:
-  """Applies `client_settings` before the first file is opened; settings the user made are kept. An emulator is
-  used anonymously (gcsfs would first look for credentials and log that there are none)."""
+  """Applies `client_settings` before the first file is opened; settings the user made are kept. gcsfs lists
+  folders afresh each time: other processes and hosts write the same checkpoints folder, and its default listing
+  cache, never expired, would hide their steps. An emulator is used anonymously (gcsfs would first look for
+  credentials and log that there are none)."""
   for name, value in client_settings().items():
     os.environ.setdefault(name, value)
+  import fsspec
+  gcsfs = fsspec.config.conf.setdefault('gs', {})
+  gcsfs.setdefault('use_listings_cache', False)
   if os.environ.get('STORAGE_EMULATOR_HOST'):
-    import fsspec
-    fsspec.config.conf.setdefault('gs', {}).setdefault('token', 'anon')
+    gcsfs.setdefault('token', 'anon')
 
 
 def endpoint() -> str:

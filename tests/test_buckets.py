@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ import gcs_emulator
 import train
 from mixer_jax import checkpoint, paths, trainer
 from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
-from test_train import TINY, _final_params, _train_py, data_dir, tiny_config  # noqa: F401 (data_dir: a fixture)
+from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
 
 _BUCKETS = itertools.count()
 
@@ -83,6 +84,15 @@ def test_a_damaged_step_in_a_bucket_is_moved_aside_and_the_one_before_restored(b
   assert ckpt.latest_step() == 2 and not paths.files(f'{bucket}/run/checkpoints/4')
   moved = paths.files(f'{bucket}/run/checkpoints_damaged/4')
   assert 'commit_success.txt' in moved and '_CHECKPOINT_METADATA' in moved
+
+
+def test_what_another_process_writes_is_listed_at_once(bucket):
+  """Every host writes the same checkpoints folder: a listing never comes from a cache of an earlier one."""
+  paths.at(f'{bucket}/run/checkpoints/1/x').write_text('')
+  assert [p.name for p in paths.at(f'{bucket}/run/checkpoints').iterdir()] == ['1']
+  subprocess.run([sys.executable, '-c', 'from mixer_jax import paths; paths.configure_clients(); '
+                  f'paths.at("{bucket}/run/checkpoints/2/x").write_text("")'], cwd=REPO, check=True)
+  assert sorted(p.name for p in paths.at(f'{bucket}/run/checkpoints').iterdir()) == ['1', '2']
 
 
 def test_metrics_jsonl_in_a_bucket_resumes_as_one_run_and_keeps_every_line(bucket):
@@ -155,3 +165,10 @@ def test_a_run_in_a_bucket_killed_mid_save_resumes_to_the_uninterrupted_run(emul
   files = paths.files(workdir)
   assert 'config.json' in files and any(f.startswith('events.out.tfevents') for f in files)
   assert not (tmp_path / 'gs:').exists() and not os.path.exists('gs:')
+  # eval.py reads the run's config and newest checkpoint from the bucket and evaluates as the run did
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0')
+  evaluated = subprocess.run([sys.executable, 'eval.py', f'--checkpoint={workdir}', f'--output={tmp_path / "r.json"}'],
+                             cwd=REPO, env=env, capture_output=True, text=True)
+  assert evaluated.returncode == 0, evaluated.stderr
+  results = json.load(open(tmp_path / 'r.json'))['evals']['test']
+  assert results['top1'] == next(r['test/top1'] for r in rows if 'test/top1' in r)

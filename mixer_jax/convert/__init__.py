@@ -107,13 +107,11 @@ def run_config(path: str) -> dict | None:
     candidates.append(parent)
   elif os.path.basename(path).isdigit() and os.path.basename(parent) == 'checkpoints':
     candidates.append(os.path.dirname(parent))
-  config_path = next((os.path.join(c, RUN_CONFIG) for c in candidates if os.path.isfile(os.path.join(c, RUN_CONFIG))),
-                     None)
+  config_path = next((f for f in (paths.join(c, RUN_CONFIG) for c in candidates) if paths.at(f).is_file()), None)
   if config_path is None:
     return None
   try:
-    with open(config_path) as f:
-      record = json.load(f)
+    record = json.loads(paths.at(config_path).read_text())
   except ValueError:  # not JSON
     record = None
   model = record.get('model') if isinstance(record, dict) else None

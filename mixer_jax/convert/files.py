@@ -66,10 +66,10 @@ def checkpoint_format(path: str) -> str:
   """'npz', 'safetensors', 'torch' (by the suffix, after checking that the file's first bytes agree) or 'orbax' (a
   directory holding an orbax checkpoint); anything else is an error saying what the path holds."""
   found = paths.resolve(path)
-  if os.path.isdir(found):
+  if paths.at(found).is_dir():
     orbax_item(found)
     return 'orbax'
-  if not os.path.exists(found):
+  if not paths.at(found).exists():
     raise FileNotFoundError(f'{path}: no such checkpoint file or directory{pretrained.download_hint(path)}')
   fmt, kind = _suffix_format(path), _sniff(found)
   if fmt and kind in _ACCEPTED[fmt]:
@@ -233,23 +233,33 @@ def orbax_item(path: str) -> str:
   """The orbax item directory inside a workdir / checkpoints folder / step directory; an error saying what the
   directory holds instead."""
   item = path
-  if os.path.isdir(os.path.join(item, 'checkpoints')):
-    item = os.path.join(item, 'checkpoints')
-  steps = [d for d in os.listdir(item) if d.isdigit()]
+  if paths.at(paths.join(item, 'checkpoints')).is_dir():
+    item = paths.join(item, 'checkpoints')
+  steps = _committed_steps(item)
   if steps:
-    item = os.path.join(item, max(steps, key=int))
-  if os.path.isdir(os.path.join(item, 'default')):
-    item = os.path.join(item, 'default')
-  if os.path.exists(os.path.join(item, '_METADATA')):
+    item = paths.join(item, max(steps, key=int))
+  if paths.at(paths.join(item, 'default')).is_dir():
+    item = paths.join(item, 'default')
+  if paths.at(paths.join(item, '_METADATA')).exists():
     return item
-  if not os.listdir(path):
+  if not any(paths.at(path).iterdir()):
     what = 'is an empty directory'
-  elif os.path.basename(item) == 'checkpoints' or os.path.exists(os.path.join(path, 'config.json')):
+  elif os.path.basename(item) == 'checkpoints' or paths.at(paths.join(path, 'config.json')).exists():
     what = 'holds no complete checkpoint yet (the training run has not saved one)'
   else:
     what = 'holds no orbax checkpoint (no _METADATA file)'
   raise ValueError(f'{path} {what}: give a training workdir (or its checkpoints/ folder, or one step of it), or '
                    'a folder written by `python -m mixer_jax.convert --to orbax`')
+
+
+def _committed_steps(folder: str) -> list[str]:
+  """The step folders under `folder` that orbax completed: on a disk it renames a step's folder into place when
+  complete; in a bucket it writes the step in place and its commit marker last."""
+  steps = [p.name for p in paths.at(folder).iterdir() if p.name.isdigit()]
+  if paths.is_url(folder):
+    from mixer_jax.checkpoint import COMMIT_MARKER
+    steps = [s for s in steps if paths.at(paths.join(folder, s, COMMIT_MARKER)).exists()]
+  return steps
 
 
 def read_orbax(path: str) -> dict:
