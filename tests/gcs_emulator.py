@@ -6,10 +6,12 @@ hosts with a certificate from a CA made here and forwards each request to the em
 `Emulator.environment()` is what a process needs to use it: STORAGE_EMULATOR_HOST for Google's clients (the project
 derives tensorstore's and gcsfs's settings from it), and the proxy, the CA and no credentials for TensorFlow.
 """
+import ctypes
 import datetime
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -49,7 +51,7 @@ class Emulator:
     self._process = subprocess.Popen(
         [str(_get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
          '-public-host', f'127.0.0.1:{self.port}', '-external-url', self.url, '-backend', 'memory',
-         '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     deadline = time.time() + 20
     while True:
       try:
@@ -123,6 +125,11 @@ class Emulator:
       return 503, 'Service Unavailable', [], b''
     finally:
       connection.close()
+
+
+def _die_with_parent() -> None:
+  """In the server's process before it starts: the kernel ends it when the test process ends, however that ends."""
+  ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _head(reader):
