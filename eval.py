@@ -36,7 +36,9 @@ from mixer_jax import cli, paths  # light: they import jax only when called
 def define_flags(flag_values: flags.FlagValues) -> None:
   """eval.py's flags on `flag_values`."""
   on = dict(flag_values=flag_values)
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint file or orbax workdir (required).', **on)
+  flags.DEFINE_string('checkpoint', None, 'Checkpoint file or orbax workdir, local or gs://; an https:// file, '
+                      'hf-hub:OWNER/REPO or a pretrained table name, downloaded once into the cache (required unless '
+                      '--pretrained names one).', **on)
   flags.DEFINE_string('model', None, 'Model name (default: the workdir config.json or the --pretrained entry).', **on)
   flags.DEFINE_string('model_options', '', 'Model options as key=value,..., as convert and configs name them (e.g. '
                       'act=gelu; image_size=384: the evaluation resolution of a ConvMixer or DaViT).', **on)
@@ -184,8 +186,13 @@ def check_arguments(fv) -> Plan:
   from mixer_jax import convert, data, inference, sharding
   from mixer_jax.convert import files, pretrained
   from mixer_jax.evaluators import fewshot
+  if fv.checkpoint in pretrained.CHECKPOINTS and not fv.pretrained:
+    fv.pretrained = fv.checkpoint  # a table name brings its entry: model, pre-processing, expected accuracy
+  if fv.pretrained and not fv.checkpoint:
+    fv.checkpoint = fv.pretrained  # downloaded from the entry's source
   if not fv.checkpoint:
-    raise ValueError('--checkpoint is required: give a .npz, .safetensors or .pth file, or an orbax workdir')
+    raise ValueError('--checkpoint is required: give a .npz, .safetensors or .pth file, an orbax workdir, a URL, '
+                     'hf-hub:OWNER/REPO or a pretrained table name')
   shots = positive_ints(fv.fewshot_shots, '--fewshot_shots')
   if fv.output:
     cli.check_output_file(paths.resolve(fv.output), '--output')

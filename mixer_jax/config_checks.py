@@ -14,7 +14,7 @@ import os
 import re
 
 from mixer_jax import cli, data, losses, mixup, models, optim, paths
-from mixer_jax.convert import pretrained, resize
+from mixer_jax.convert import files, pretrained, resize
 
 # (name, required): the durations of configs/common.py, each given as exactly one of _steps/_epochs/_examples.
 DURATIONS = (('total', True), ('log_every', True), ('checkpoint_every', True), ('eval_every', False))
@@ -194,7 +194,7 @@ def check(config) -> None:
                         warmup_steps=config.schedule.warmup_steps, decay_steps=config.schedule.decay_steps)
     except ValueError as error:
       raise ValueError(f'config.schedule: {error}') from None
-  if config.init and not os.path.exists(paths.resolve(config.init)):
+  if config.init and not files.is_remote(config.init) and not os.path.exists(paths.resolve(config.init)):
     hint = pretrained.download_hint(config.init) or ": give one, or '' to train from scratch"
     raise ValueError(f'config.init = {config.init!r}: no such checkpoint file or workdir{hint}')
   _check_mesh(config.mesh)

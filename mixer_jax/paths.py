@@ -17,6 +17,7 @@ Google's endpoint built in and reads no such variable.
 
 Must not: decide what a run writes or when (the trainer and checkpoint modules do).
 """
+import http.client
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ import socket
 from etils import epath
 
 CHECK_SECONDS = 10  # how long the bucket check waits for each request before it calls the bucket unreachable
+HUB = 'hf-hub:'  # hf-hub:OWNER/REPO, timm's spelling of a Hugging Face hub repository
 
 
 def is_url(path: str) -> bool:
@@ -31,8 +33,8 @@ def is_url(path: str) -> bool:
 
 
 def resolve(path: str | None) -> str | None:
-  """`path` absolute, with `~` expanded and no trailing slash; URLs, '' and None unchanged."""
-  if not path or is_url(path):
+  """`path` absolute, with `~` expanded and no trailing slash; URLs, hub repositories, '' and None unchanged."""
+  if not path or is_url(path) or path.startswith(HUB):
     return path
   return os.path.abspath(os.path.expanduser(path))
 
@@ -159,6 +161,128 @@ def files(folder: str) -> list[str]:
 
 def _without_scheme(path: str) -> str:
   return re.sub(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', '', path)
+
+
+# ------------------------------------------------------------------------------------------- remote files
+
+
+def is_remote_file(path: str) -> bool:
+  """A file to copy here before reading: on the web, on the hub, or in a bucket (a bucket folder, such as an orbax
+  checkpoint, is read where it is)."""
+  return path.startswith((HUB, 'http://', 'https://')) or (path.startswith('gs://') and not at(path).is_dir())
+
+
+def cache_folder() -> str:
+  return resolve(os.environ.get('MIXER_JAX_CACHE') or '~/.cache/mixer_jax')
+
+
+def local_copy(path: str, hub_file: str = 'model.safetensors') -> str:
+  """A local path holding the file `path`: itself when local or a bucket folder; else a copy in the cache, made
+  once and verified before use. A download goes to a temporary name, is checked against what its source announced
+  (the size; the MD5 a bucket keeps for each object; the SHA-256 the hub keeps for each large file) and only then
+  takes its place, so a cut or corrupted download is never read. `hf-hub:OWNER/REPO` is the repository's
+  `hub_file`, through huggingface_hub and its cache."""
+  if not is_remote_file(path):
+    return path
+  if path.startswith(HUB):
+    return _from_hub(path[len(HUB):], hub_file)
+  scheme, _, rest = path.partition('://')
+  target = os.path.join(cache_folder(), scheme, *rest.split('/'))
+  if path.startswith('gs://'):
+    _from_bucket(path, target)
+  elif not os.path.exists(target):  # the web publishes no hash to compare a cached copy with
+    _from_web(path, target)
+  return target
+
+
+def _download(path: str, target: str, fetch, size: int, digest: tuple[str, str] | None) -> None:
+  """fetch(temporary) writes the file; it takes `target`'s place once its size and digest (hashlib name, hex) are
+  those announced."""
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  temporary = f'{target}.download-{os.getpid()}'
+  try:
+    try:
+      fetch(temporary)
+    except (OSError, http.client.HTTPException) as error:  # a connection cut mid-file: IncompleteRead
+      raise ValueError(f'{path}: the download failed ({type(error).__name__}): run again') from None
+    got = os.path.getsize(temporary)
+    if got != size:
+      raise ValueError(f'{path}: the download holds {got:,} bytes of the {size:,} announced: run again')
+    if digest and _hexdigest(temporary, digest[0]) != digest[1]:
+      raise ValueError(f'{path}: the download\'s {digest[0].upper()} differs from the one its source publishes: '
+                       'run again')
+    os.replace(temporary, target)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def _hexdigest(file: str, algorithm: str) -> str:
+  import hashlib
+  with open(file, 'rb') as f:
+    return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _from_bucket(url: str, target: str) -> None:
+  import base64
+  import fsspec
+  configure_clients()
+  filesystem, name = fsspec.core.url_to_fs(url)
+  try:
+    info = filesystem.info(name)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{url}: no such object') from None
+  md5 = info.get('md5Hash')
+  digest = ('md5', base64.b64decode(md5).hex()) if md5 else None
+  if os.path.exists(target) and os.path.getsize(target) == info['size'] and (
+      digest is None or _hexdigest(target, 'md5') == digest[1]):
+    return  # the cached copy is the object as it is now
+  _download(url, target, lambda temporary: filesystem.get(name, temporary), info['size'], digest)
+
+
+def _from_web(url: str, target: str) -> None:
+  import shutil
+  import urllib.error
+  import urllib.request
+  try:
+    response = urllib.request.urlopen(url, timeout=CHECK_SECONDS * 3)
+  except urllib.error.HTTPError as error:
+    raise FileNotFoundError(f'{url}: the server answers {error.code} {error.reason}') from None
+  except (urllib.error.URLError, OSError) as error:
+    raise ValueError(f'{url}: cannot download it ({getattr(error, "reason", error)}): check the URL and the '
+                     'network') from None
+  with response:
+    size = int(response.headers.get('Content-Length') or -1)
+
+    def fetch(temporary):
+      with open(temporary, 'wb') as f:
+        shutil.copyfileobj(response, f, 1 << 20)
+    if size < 0:
+      raise ValueError(f'{url}: the server does not say how large the file is, so a cut download could not be '
+                       'told from a whole one: download it yourself and give the local file')
+    _download(url, target, fetch, size, None)
+
+
+def _from_hub(repo: str, file: str) -> str:
+  import huggingface_hub
+  from huggingface_hub import errors
+  try:
+    metadata = huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, file))
+    local = huggingface_hub.hf_hub_download(repo, file)
+  except (errors.RepositoryNotFoundError, errors.EntryNotFoundError, errors.RevisionNotFoundError) as error:
+    raise FileNotFoundError(f'{HUB}{repo}: {type(error).__name__}: the hub has no {file} there') from None
+  except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError) as error:
+    raise ValueError(f'{HUB}{repo}: cannot download {file} ({type(error).__name__}): check the network, or '
+                     'download it yourself and give the local file') from None
+  sha256 = (metadata.etag or '').strip('"')
+  problem = (f'holds {os.path.getsize(local):,} bytes of the {metadata.size:,} the hub announces'
+             if os.path.getsize(local) != metadata.size else
+             'differs from the SHA-256 the hub publishes'  # a large file's etag is its SHA-256
+             if re.fullmatch('[0-9a-f]{64}', sha256) and _hexdigest(local, 'sha256') != sha256 else None)
+  if problem:
+    os.remove(os.path.realpath(local))  # the hub cache's blob: the next run downloads it again
+    raise ValueError(f'{HUB}{repo}: the downloaded {file} {problem}: run again')
+  return local
 
 
 def upload_tree(local: str, url: str) -> None:

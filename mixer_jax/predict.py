@@ -66,6 +66,12 @@ def classify(args) -> list[dict]:
   import jax
   from mixer_jax import convert, inference, paths
   from mixer_jax.convert import files, pretrained
+  if args.checkpoint in pretrained.CHECKPOINTS and not args.pretrained:
+    args.pretrained = args.checkpoint  # a table name brings its entry: model and pre-processing
+  args.checkpoint = args.checkpoint or args.pretrained
+  if not args.checkpoint:
+    raise ValueError('--checkpoint is required: give a checkpoint file or workdir, a URL, hf-hub:OWNER/REPO or a '
+                     'pretrained table name')
   entry = pretrained.get(args.pretrained) if args.pretrained else None
   files.checkpoint_format(args.checkpoint)
   given = cli.parse_options(args.model_options, '--model_options')
@@ -103,8 +109,9 @@ def classify(args) -> list[dict]:
 
 def main(argv=None) -> None:
   parser = cli.ArgumentParser(prog='python -m mixer_jax.predict', description=__doc__)
-  parser.add_argument('--checkpoint', required=True, help='checkpoint file (.npz, .safetensors, .pth) or training '
-                      'workdir')
+  parser.add_argument('--checkpoint', help='checkpoint file (.npz, .safetensors, .pth) or training workdir, local '
+                      'or gs://; an https:// file, hf-hub:OWNER/REPO or a pretrained table name, downloaded once into '
+                      'the cache (required unless --pretrained names one)')
   parser.add_argument('--model', help='model name (default: the workdir\'s config.json or the --pretrained entry)')
   parser.add_argument('--model_options', default='', help='model options key=value,..., as eval.py takes them')
   parser.add_argument('--pretrained', help='a mixer_jax.convert.pretrained entry: model and pre-processing')

@@ -232,7 +232,7 @@ def count_classes(config) -> None:
 def resolve_paths(config) -> None:
   """Makes the config's paths (init, data_dir, image folders, of the input and of every evaluation) absolute, so
   that config.json names the same files from any directory (`paths.resolve`)."""
-  config.init = paths.resolve(config.init)
+  config.init = config.init if convert.files.is_remote(config.init) else paths.resolve(config.init)
   for group in (config.input, *config.evals.values()):
     for key, resolve in (('data_dir', paths.resolve), ('dataset', data.sources.resolve)):
       if group.get(key) is not None:

@@ -6,12 +6,11 @@ hosts with a certificate from a CA made here and forwards each request to the em
 `Emulator.environment()` is what a process needs to use it: STORAGE_EMULATOR_HOST for Google's clients (the project
 derives tensorstore's and gcsfs's settings from it), and the proxy, the CA and no credentials for TensorFlow.
 """
-import ctypes
 import datetime
 import http.client
 import json
 import os
-import signal
+import shutil
 import socket
 import ssl
 import subprocess
@@ -48,10 +47,13 @@ class Emulator:
   # --------------------------------------------------------------------------------------------------- server
   def start(self) -> None:
     """Starts the server (again: a restarted server is empty)."""
+    # setpriv (util-linux) has the kernel end the server with the test process, however that ends; a preexec_fn
+    # doing the same would fork a process JAX's threads already run in.
+    guard = ['setpriv', '--pdeathsig', 'KILL'] if shutil.which('setpriv') else []
     self._process = subprocess.Popen(
-        [str(_get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
+        [*guard, str(_get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
          '-public-host', f'127.0.0.1:{self.port}', '-external-url', self.url, '-backend', 'memory',
-         '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+         '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while True:
       try:
@@ -125,11 +127,6 @@ class Emulator:
       return 503, 'Service Unavailable', [], b''
     finally:
       connection.close()
-
-
-def _die_with_parent() -> None:
-  """In the server's process before it starts: the kernel ends it when the test process ends, however that ends."""
-  ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _head(reader):

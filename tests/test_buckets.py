@@ -16,7 +16,8 @@ import jax
 
 import gcs_emulator
 import train
-from mixer_jax import checkpoint, paths, trainer
+from mixer_jax import checkpoint, convert, models, paths, trainer
+from mixer_jax.convert import files
 from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
 from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
 
@@ -105,6 +106,26 @@ def test_metrics_jsonl_in_a_bucket_resumes_as_one_run_and_keeps_every_line(bucke
   writer.close()
   left = [json.loads(line) for line in paths.at(path).read_text().splitlines()]
   assert [r['step'] for r in left] == [2, 2, 4, 4, 5, 6] and left[-1] == {'step': 6, 'train/loss': 0.25}
+
+
+def test_checkpoint_files_in_a_bucket_are_read_from_a_verified_cache_and_written_there(bucket, tmp_path,
+                                                                                          monkeypatch):
+  monkeypatch.setenv('MIXER_JAX_CACHE', str(tmp_path / 'cache'))
+  options = dict(patch_size=8, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=32, image_size=32)
+  model = models.create('mixer_s16', num_classes=10, **options)
+  variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(0)))
+  url = f'{bucket}/weights/tiny.npz'
+  convert.save(variables, url, 'mixer_s16', 'npz')  # written locally, then uploaded
+  jax.tree.map(np.testing.assert_array_equal, convert.load(url, 'mixer_s16', **options), variables)
+  cached = files.local(url)
+  assert cached.startswith(str(tmp_path / 'cache')) and open(cached, 'rb').read() == paths.at(url).read_bytes()
+  with open(cached, 'r+b') as f:  # a cached copy that no longer matches the object's MD5 is fetched again
+    f.seek(100)
+    f.write(b'\xff\xff')
+  assert files.local(url) == cached and open(cached, 'rb').read() == paths.at(url).read_bytes()
+  convert.save(variables, f'{bucket}/weights/tiny_orbax', 'mixer_s16', 'orbax')
+  jax.tree.map(np.testing.assert_array_equal, convert.load(f'{bucket}/weights/tiny_orbax', 'mixer_s16', **options),
+               variables)
 
 
 def _one_line_exit(argv, within: float) -> str:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -136,7 +137,7 @@ def load(path: str, name: str, **overrides) -> dict:
   runs (`scan_blocks`, `remat`) do not change what is returned, the per-block layout. One ValueError lists the
   names and shapes that do not fit.
   """
-  path = paths.resolve(path)
+  path = files.local(path)
   fmt = files.checkpoint_format(path)
   run = run_config(path) if fmt == 'orbax' else None
   if run is not None and run['model']['name'] == name:
@@ -160,6 +161,12 @@ def save(variables, path: str, name: str, fmt: str) -> None:
   per-block layout (a scanned model's stacked blocks are split)."""
   variables = models.unstack_blocks(dict(variables), name)
   path = paths.resolve(path)
+  if paths.is_url(path) and fmt != 'orbax':  # orbax writes to buckets itself; a file is written here, then uploaded
+    with tempfile.TemporaryDirectory() as folder:
+      local = os.path.join(folder, os.path.basename(path))
+      save(variables, local, name, fmt)
+      paths.at(path).write_bytes(paths.at(local).read_bytes())
+    return
   if fmt == 'npz':
     if models.family(name) != 'mixer':
       raise ValueError(f'.npz export is Google\'s MLP-Mixer layout; {name} is not a Mixer')

@@ -12,7 +12,6 @@ the format is read back by) are checked before anything is loaded; every error i
 exit status 1.
 """
 import importlib.util
-import os
 
 from mixer_jax import cli  # light: no JAX inside
 
@@ -21,9 +20,9 @@ _FORMAT_OF = {'npz': 'npz', 'safetensors': 'timm', 'torch': 'timm', 'orbax': 'or
 
 def check_output(path: str, target: str, model: str) -> None:
   """`path` can be written as `target`, in a form `convert.load` reads back, for `model`."""
-  from mixer_jax import models
+  from mixer_jax import models, paths
   from mixer_jax.convert import files
-  if target == 'orbax' and os.path.exists(path):
+  if target == 'orbax' and paths.at(path).exists():
     raise ValueError(f'output {path} already exists: --to=orbax writes a new directory; give a new name')
   suffixes = {'npz': ('.npz',), 'timm': ('.safetensors', *files.TORCH_SUFFIXES)}.get(target, ())
   if suffixes and not path.lower().endswith(suffixes):
@@ -34,7 +33,10 @@ def check_output(path: str, target: str, model: str) -> None:
                      '--to=timm or --to=orbax')
   if target == 'timm' and not path.lower().endswith('.safetensors') and not importlib.util.find_spec('torch'):
     raise ValueError(f'output {path}: writing PyTorch files needs PyTorch (pip install torch): write .safetensors')
-  cli.check_output_file(path, 'output')
+  if paths.is_url(path):
+    paths.check_writable(path.rsplit('/', 1)[0], 'output')
+  else:
+    cli.check_output_file(path, 'output')
 
 
 def main(argv=None) -> None:
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
   parser.add_argument('--model', help='mixer_jax model name, e.g. mixer_b16 (default: a training workdir\'s, from its '
                       'config.json)')
   parser.add_argument('--model_options', default='', help='model options, e.g. act=gelu (timm Mixer weights)')
-  parser.add_argument('input', help='checkpoint file or folder')
+  parser.add_argument('input', help='checkpoint file or folder, local or gs://; an https:// file, hf-hub:OWNER/REPO or '
+                      'a pretrained table name, downloaded once into the cache')
   parser.add_argument('output', help='file or (--to=orbax) new folder to write')
   args = parser.parse_args(argv)
 

@@ -62,16 +62,30 @@ def _suffix_format(path: str) -> str | None:
   return 'torch' if name.endswith(TORCH_SUFFIXES) else None
 
 
+def is_remote(path: str) -> bool:
+  """Whether `path` names a checkpoint elsewhere (a URL, hf-hub: or a pretrained table name), from its spelling."""
+  return path in pretrained.CHECKPOINTS or path.startswith(paths.HUB) or paths.is_url(path)
+
+
+def local(path: str) -> str:
+  """Where the checkpoint `path` can be read: a local path or a bucket folder as they are; a pretrained table name,
+  a gs:// or https:// file or an hf-hub: repository as a verified copy in the cache (`paths.local_copy`)."""
+  if path in pretrained.CHECKPOINTS:
+    path = pretrained.source(path)
+  return paths.local_copy(paths.resolve(path))
+
+
 def checkpoint_format(path: str) -> str:
   """'npz', 'safetensors', 'torch' (by the suffix, after checking that the file's first bytes agree) or 'orbax' (a
-  directory holding an orbax checkpoint); anything else is an error saying what the path holds."""
-  found = paths.resolve(path)
+  directory holding an orbax checkpoint); anything else is an error saying what the path holds. A remote `path`
+  is downloaded first (`local`)."""
+  found = local(path)
   if paths.at(found).is_dir():
     orbax_item(found)
     return 'orbax'
   if not paths.at(found).exists():
     raise FileNotFoundError(f'{path}: no such checkpoint file or directory{pretrained.download_hint(path)}')
-  fmt, kind = _suffix_format(path), _sniff(found)
+  fmt, kind = _suffix_format(found), _sniff(found)
   if fmt and kind in _ACCEPTED[fmt]:
     return fmt
   fix = f'rename it to {_RENAME[kind]}' if kind in _RENAME else _FIX.get(kind, 'download it again or give another file')
@@ -220,8 +234,9 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
 
 
 def read_state_dict(path: str) -> dict:
-  """A PyTorch-style state dict from a .safetensors or PyTorch file."""
+  """A PyTorch-style state dict from a .safetensors or PyTorch file, local or remote (`local`)."""
   fmt = checkpoint_format(path)
+  path = local(path)
   if fmt == 'safetensors':
     return read_safetensors(path)
   if fmt == 'torch':

@@ -1,9 +1,10 @@
 """The public pre-trained checkpoints: where each comes from, its licence, the pre-processing it needs and the
 accuracy published for it, so `eval.py --pretrained=NAME` can print expected against measured.
 
-Nothing is downloaded here: fetch `url` yourself (gs:// with gsutil, Hugging Face with its hub client) and pass
-the local file; a missing file whose name is one of the table's gets an error naming where to download it
-(`download_hint`). Accuracies are ImageNet-1k validation top-1 unless the note says otherwise.
+A table name is a checkpoint path wherever one is taken (`config.init`, `eval.py --checkpoint`, `convert`):
+`source` is where it is downloaded from, once, into the cache (`paths.local_copy`). A missing local file whose
+name is one of the table's gets an error naming where it comes from (`download_hint`). Accuracies are ImageNet-1k
+validation top-1 unless the note says otherwise.
 
 Known pitfalls recorded in the notes: timm's `mixer_*.goog_in21k_ft_in1k` tags are mislabelled (their accuracy
 matches the paper's ImageNet-1k-only models; Google never published the i21k->i1k Mixer weights), and the
@@ -92,6 +93,12 @@ def get(name: str) -> Checkpoint:
     raise ValueError(f'unknown pre-trained checkpoint {name!r}{cli.did_you_mean(name, list(CHECKPOINTS))}; known: '
                      f'{", ".join(CHECKPOINTS)}')
   return CHECKPOINTS[name]
+
+
+def source(name: str) -> str:
+  """Where the table's entry `name` is downloaded from: its bucket object, or its hub repository (hf-hub:...)."""
+  url = get(name).url
+  return 'hf-hub:' + url[len('https://huggingface.co/'):] if url.startswith(_HF) else url
 
 
 def download_hint(path: str, entry: Checkpoint | None = None) -> str:
