@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 import jax
+import tensorflow as tf
 
 import gcs_emulator
 import train
-from mixer_jax import checkpoint, convert, models, paths, trainer
+from mixer_jax import checkpoint, convert, data, models, paths, trainer
 from mixer_jax.convert import files
 from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
 from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
@@ -126,6 +127,30 @@ def test_checkpoint_files_in_a_bucket_are_read_from_a_verified_cache_and_written
   convert.save(variables, f'{bucket}/weights/tiny_orbax', 'mixer_s16', 'orbax')
   jax.tree.map(np.testing.assert_array_equal, convert.load(f'{bucket}/weights/tiny_orbax', 'mixer_s16', **options),
                variables)
+
+
+def test_datasets_in_a_bucket_are_read_there(bucket, data_dir, tmp_path):
+  """A prepared tfds folder and an image folder, uploaded: read through TensorFlow's GCS client, as on a disk."""
+  paths.upload_tree(data_dir, f'{bucket}/tfds')
+  pp = 'decode|value_range(-1, 1)|onehot(10, key="label", key_result="labels")|keep("image", "labels")'
+  local = data.eval_iter('fashion_mnist', 'test', pp=pp, global_batch_size=16, data_dir=data_dir)
+  remote = data.eval_iter('fashion_mnist', 'test', pp=pp, global_batch_size=16, data_dir=f'{bucket}/tfds')
+  assert data.num_examples('fashion_mnist', 'test', data_dir=f'{bucket}/tfds') == 64
+  jax.tree.map(np.testing.assert_array_equal, next(iter(remote)), next(iter(local)))
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 3), ('test', 2)):
+    for c in ('cat', 'dog'):
+      (tmp_path / 'photos' / split / c).mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        (tmp_path / 'photos' / split / c / f'{i}.png').write_bytes(tf.io.encode_png(pixels).numpy())
+  paths.upload_tree(str(tmp_path / 'photos'), f'{bucket}/photos')
+  source = data.sources.get(f'imagefolder:{bucket}/photos')
+  assert source.class_names() == ['cat', 'dog'] and source.count('train') == 6
+  images = [data.sources.get(f'imagefolder:{root}').load(r)['image'].numpy()
+            for root in (f'{bucket}/photos', str(tmp_path / 'photos'))
+            for r in data.sources.get(f'imagefolder:{root}').records('test').take(1)]
+  assert images[0] == images[1]
 
 
 def _one_line_exit(argv, within: float) -> str:

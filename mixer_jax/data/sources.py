@@ -159,23 +159,22 @@ class ImageFolderSource:
     self.name = IMAGEFOLDER_PREFIX + root
     self.root = paths.resolve(root)
     layout = f'expected {self.root}/<split>/<class>/*.jpg|jpeg|png'
-    if not os.path.isdir(self.root):
-      state = 'is a file, not a folder' if os.path.exists(self.root) else 'does not exist'
+    if not paths.at(self.root).is_dir():
+      state = 'is a file, not a folder' if paths.at(self.root).exists() else 'does not exist'
       raise FileNotFoundError(f'image folder {self.root} {state} ({layout})')
-    files = {split: self._list(split) for split in sorted(os.listdir(self.root))
-             if os.path.isdir(os.path.join(self.root, split))}
+    files = {split: self._list(split) for split in _folders(self.root)}
     files = {split: f for split, f in files.items() if f}
     if not files:
       raise FileNotFoundError(f'image folder {self.root} holds no images ({layout})')
-    self.classes = sorted({os.path.dirname(f) for split_files in files.values() for f in split_files})
+    self.classes = sorted({f.split('/')[0] for split_files in files.values() for f in split_files})
     self._files = files
     self._splits = tfds.core.SplitDict([tfds.core.SplitInfo(name=s, shard_lengths=[len(f)], num_bytes=0)
                                         for s, f in files.items()])
 
   def _list(self, split) -> list[str]:
-    split_dir = os.path.join(self.root, split)
-    names = [os.path.join(c, f) for c in sorted(os.listdir(split_dir)) if os.path.isdir(os.path.join(split_dir, c))
-             for f in os.listdir(os.path.join(split_dir, c)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    split_dir = paths.join(self.root, split)
+    names = [f'{c}/{f.name}' for c in _folders(split_dir) for f in paths.at(paths.join(split_dir, c)).iterdir()
+             if f.name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(names, key=lambda n: (hashlib.md5(n.encode()).digest(), n))
 
   def _ranges(self, split) -> list[tuple[str, int, int]]:
@@ -194,9 +193,9 @@ class ImageFolderSource:
     picked = [(s, n) for s, start, to in self._ranges(split) for n in self._files[s][start:to]]
     label = {c: i for i, c in enumerate(self.classes)}
     return tf.data.Dataset.from_tensor_slices({
-        'path': tf.constant([os.path.join(self.root, s, n) for s, n in picked], tf.string),
+        'path': tf.constant([paths.join(self.root, s, n) for s, n in picked], tf.string),
         'file_name': tf.constant([n for _, n in picked], tf.string),
-        'label': np.array([label[os.path.dirname(n)] for _, n in picked], np.int64)})
+        'label': np.array([label[n.split('/')[0]] for _, n in picked], np.int64)})
 
   def load(self, record):
     return {'image': tf.io.read_file(record['path']), 'label': record['label'], 'file_name': record['file_name']}
@@ -214,8 +213,15 @@ class ImageFolderSource:
     return list(self.classes)
 
 
+def _folders(path: str) -> list[str]:
+  """The names of the folders in `path`, sorted."""
+  return sorted(p.name for p in paths.at(path).iterdir() if p.is_dir())
+
+
 def _check_data_dir(data_dir: str) -> None:
   """A data_dir that is a file, or lies in one, is a mistake that tfds would report as a dataset to download."""
+  if paths.is_url(data_dir):
+    return
   for path in (data_dir, os.path.dirname(os.path.abspath(data_dir))):
     if os.path.exists(path) and not os.path.isdir(path):
       raise ValueError(f'data_dir {data_dir}: {path} is a file, not a folder: give the folder holding the prepared '
