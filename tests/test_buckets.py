@@ -20,6 +20,7 @@ import train
 from mixer_jax import checkpoint, convert, data, models, paths, trainer
 from mixer_jax.convert import files
 from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
+from test_multihost import _finish, _launch, _train_args
 from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
 
 _BUCKETS = itertools.count()
@@ -218,3 +219,17 @@ def test_a_run_in_a_bucket_killed_mid_save_resumes_to_the_uninterrupted_run(emul
   assert evaluated.returncode == 0, evaluated.stderr
   results = json.load(open(tmp_path / 'r.json'))['evals']['test']
   assert results['top1'] == next(r['test/top1'] for r in rows if 'test/top1' in r)
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_checkpoint_in_a_bucket_that_one_process_resumes(bucket, data_dir):
+  workdir = f'{bucket}/run'
+  _finish(_launch(_train_args(workdir, data_dir, 6, '--config.checkpoint_every_steps=3'), 2))
+  assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 6
+  written = paths.files(f'{workdir}/checkpoints/6')
+  assert {f.split('/')[1] for f in written if f.startswith('default/ocdbt.process_')} == {
+      'ocdbt.process_0', 'ocdbt.process_1'}  # each process wrote its own shards of the one checkpoint
+  output, = _finish(_launch(_train_args(workdir, data_dir, 9), 1))
+  assert 'resumed from' in output and 'finished at step 9' in output
+  rows = [json.loads(line) for line in paths.at(f'{workdir}/metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'train/loss' in r] == list(range(1, 10))
