@@ -15,12 +15,20 @@ system. epath is kept off TensorFlow's (`EPATH_USE_TF=0`): through it orbax loop
 at a GCS emulator too (`configure_clients` derives their own settings from it); TensorFlow's file system has
 Google's endpoint built in and reads no such variable.
 
+Files elsewhere (`local_copy`): a checkpoint file in a bucket, on the web or on the Hugging Face hub is copied once
+into a cache and verified against what its source announces before anything reads it.
+
 Must not: decide what a run writes or when (the trainer and checkpoint modules do).
 """
+import base64
+import hashlib
 import http.client
 import os
 import re
+import shutil
 import socket
+import urllib.error
+import urllib.request
 
 from etils import epath
 
@@ -164,8 +172,6 @@ def _without_scheme(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- remote files
-
-
 def is_remote_file(path: str) -> bool:
   """A file to copy here before reading: on the web, on the hub, or in a bucket (a bucket folder, such as an orbax
   checkpoint, is read where it is)."""
@@ -218,13 +224,11 @@ def _download(path: str, target: str, fetch, size: int, digest: tuple[str, str] 
 
 
 def _hexdigest(file: str, algorithm: str) -> str:
-  import hashlib
   with open(file, 'rb') as f:
     return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _from_bucket(url: str, target: str) -> None:
-  import base64
   import fsspec
   configure_clients()
   filesystem, name = fsspec.core.url_to_fs(url)
@@ -241,9 +245,6 @@ def _from_bucket(url: str, target: str) -> None:
 
 
 def _from_web(url: str, target: str) -> None:
-  import shutil
-  import urllib.error
-  import urllib.request
   try:
     response = urllib.request.urlopen(url, timeout=CHECK_SECONDS * 3)
   except urllib.error.HTTPError as error:
@@ -265,8 +266,10 @@ def _from_web(url: str, target: str) -> None:
 
 def _from_hub(repo: str, file: str) -> str:
   import huggingface_hub
-  from huggingface_hub import errors
+  from huggingface_hub import constants, errors
   try:
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the copy cached (and verified) before
+      return huggingface_hub.hf_hub_download(repo, file)
     metadata = huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, file))
     local = huggingface_hub.hf_hub_download(repo, file)
   except (errors.RepositoryNotFoundError, errors.EntryNotFoundError, errors.RevisionNotFoundError) as error:

@@ -114,9 +114,9 @@ def test_a_missing_web_file_is_one_line(server, tmp_path, monkeypatch):
     files.checkpoint_format(f'{server.url}/nothing.npz')
 
 
-def _hub_local(server, tmp_path, path: str) -> subprocess.CompletedProcess:
+def _hub_local(server, tmp_path, path: str, offline: bool = False) -> subprocess.CompletedProcess:
   """files.local(path) in a process whose huggingface_hub talks to `server` (it reads HF_ENDPOINT at import)."""
-  env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_OFFLINE='0', HF_HOME=str(tmp_path / 'hf'),
+  env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_OFFLINE=str(int(offline)), HF_HOME=str(tmp_path / 'hf'),
              HF_HUB_DISABLE_PROGRESS_BARS='1', HF_HUB_DISABLE_TELEMETRY='1')
   code = f'from mixer_jax.convert import files; print(files.local({path!r}))'
   return subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -133,6 +133,9 @@ def test_hub_repositories_and_table_names_come_from_the_hub_verified(server, tin
   run = _hub_local(server, tmp_path, 'davit_tiny.msft_in1k')
   assert run.returncode == 0, run.stderr
   assert open(run.stdout.strip(), 'rb').read() == content[::-1]
+  requests = len(server.gets)
+  run = _hub_local(server, tmp_path, 'hf-hub:timm/tiny_mixer', offline=True)  # HF_HUB_OFFLINE=1: the cached copy
+  assert run.returncode == 0 and open(run.stdout.strip(), 'rb').read() == content and len(server.gets) == requests
 
 
 def test_a_hub_file_that_differs_from_its_published_hash_is_refused(server, tmp_path):
