@@ -54,6 +54,8 @@ def join(path: str, *names: str) -> str:
 
 def at(path: str) -> epath.Path:
   """`path` (resolved) as a pathlib-like object that reads, writes, lists and moves in buckets as on disks."""
+  if is_url(path):
+    configure_clients()
   return epath.Path(resolve(path))
 
 
