@@ -19,7 +19,7 @@ import gcs_emulator
 import train
 from mixer_jax import checkpoint, convert, data, models, paths, trainer
 from mixer_jax.convert import files
-from test_checkpoint_damage import _abstract, _assert_identical, _host_state, _mesh, _shardings
+from test_checkpoint_damage import _abstract, _assert_identical, _mesh, _save  # _save takes a URL as a folder
 from test_multihost import _finish, _launch, _train_args
 from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
 
@@ -40,18 +40,6 @@ def bucket(emulator, monkeypatch) -> str:
   for name, value in {**environment, **paths.client_settings(environment)}.items():
     monkeypatch.setenv(name, value)
   return emulator.make_bucket(f'bucket-{next(_BUCKETS)}')
-
-
-def _save(url: str, steps=(2, 4)) -> dict:
-  ckpt = checkpoint.Checkpointer(url, keep=3)
-  saved = {}
-  for step in steps:
-    state = _host_state(step)
-    ckpt.save(step, jax.device_put(state, _shardings(state, _mesh())))
-    saved[step] = state
-  ckpt.wait()
-  ckpt.close()
-  return saved
 
 
 def test_checkpoints_in_a_bucket_commit_without_renaming_and_restore(bucket):
