@@ -77,6 +77,7 @@ def test_a_damaged_step_in_a_bucket_is_moved_aside_and_the_one_before_restored(b
   assert 'commit_success.txt' in moved and '_CHECKPOINT_METADATA' in moved
 
 
+@pytest.mark.slow
 def test_what_another_process_writes_is_listed_at_once(bucket):
   """Every host writes the same checkpoints folder: a listing never comes from a cache of an earlier one."""
   paths.at(f'{bucket}/run/checkpoints/1/x').write_text('')
@@ -98,6 +99,7 @@ def test_metrics_jsonl_in_a_bucket_resumes_as_one_run_and_keeps_every_line(bucke
   assert [r['step'] for r in left] == [2, 2, 4, 4, 5, 6] and left[-1] == {'step': 6, 'train/loss': 0.25}
 
 
+@pytest.mark.slow
 def test_checkpoint_files_in_a_bucket_are_read_from_a_verified_cache_and_written_there(bucket, tmp_path,
                                                                                           monkeypatch):
   monkeypatch.setenv('MIXER_JAX_CACHE', str(tmp_path / 'cache'))
@@ -118,6 +120,7 @@ def test_checkpoint_files_in_a_bucket_are_read_from_a_verified_cache_and_written
                variables)
 
 
+@pytest.mark.slow
 def test_datasets_in_a_bucket_are_read_there(bucket, data_dir, tmp_path):
   """A prepared tfds folder and an image folder, uploaded: read through TensorFlow's GCS client, as on a disk."""
   paths.upload_tree(data_dir, f'{bucket}/tfds')

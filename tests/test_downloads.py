@@ -122,6 +122,7 @@ def _hub_local(server, tmp_path, path: str, offline: bool = False) -> subprocess
   return subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_hub_repositories_and_table_names_come_from_the_hub_verified(server, tiny_npz, tmp_path):
   content = json.dumps({'not': 'weights'}).encode() * 50  # any bytes: what is checked is that they arrive intact
   server.files['/timm/tiny_mixer/resolve/main/model.safetensors'] = content
@@ -138,6 +139,7 @@ def test_hub_repositories_and_table_names_come_from_the_hub_verified(server, tin
   assert run.returncode == 0 and open(run.stdout.strip(), 'rb').read() == content and len(server.gets) == requests
 
 
+@pytest.mark.slow
 def test_a_hub_file_that_differs_from_its_published_hash_is_refused(server, tmp_path):
   server.files['/timm/tiny_mixer/resolve/main/model.safetensors'] = b'0123456789' * 100
   server.swapped.add('/timm/tiny_mixer/resolve/main/model.safetensors')
