@@ -51,6 +51,7 @@ def test_checkpoints_in_a_bucket_commit_without_renaming_and_restore(bucket):
   _assert_identical(ckpt.restore_newest(_abstract(saved[4], _mesh())), saved[4])
 
 
+@pytest.mark.slow
 def test_a_step_without_its_commit_marker_is_not_a_checkpoint(bucket):
   saved = _save(f'{bucket}/run')
   paths.at(f'{bucket}/run/checkpoints/4/commit_success.txt').unlink()  # a save cut short before its commit
@@ -59,6 +60,7 @@ def test_a_step_without_its_commit_marker_is_not_a_checkpoint(bucket):
   _assert_identical(ckpt.restore_newest(_abstract(saved[2], _mesh())), saved[2])
 
 
+@pytest.mark.slow
 def test_a_damaged_step_in_a_bucket_is_moved_aside_and_the_one_before_restored(bucket):
   saved = _save(f'{bucket}/run')
   needle = saved[4]['params']['dense']['kernel'][100].tobytes()[:16]

@@ -98,6 +98,7 @@ def test_a_web_file_is_downloaded_once_and_read_like_a_local_one(server, tiny_np
   assert open(files.local(url), 'rb').read() == content
 
 
+@pytest.mark.slow
 def test_a_cut_download_is_one_line_and_leaves_nothing_in_the_cache(server, tiny_npz, tmp_path, monkeypatch):
   monkeypatch.setenv('MIXER_JAX_CACHE', str(tmp_path / 'cache'))
   server.files['/tiny.npz'] = tiny_npz[0]
@@ -108,6 +109,7 @@ def test_a_cut_download_is_one_line_and_leaves_nothing_in_the_cache(server, tiny
   assert paths.files(str(tmp_path / 'cache')) == []
 
 
+@pytest.mark.slow
 def test_a_missing_web_file_is_one_line(server, tmp_path, monkeypatch):
   monkeypatch.setenv('MIXER_JAX_CACHE', str(tmp_path / 'cache'))
   with pytest.raises(FileNotFoundError, match=r'/nothing\.npz: the server answers 404'):
