@@ -235,8 +235,8 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
 
 def read_state_dict(path: str) -> dict:
   """A PyTorch-style state dict from a .safetensors or PyTorch file, local or remote (`local`)."""
+  path = local(path)  # once: a remote file's check is a request and a hash of the whole file
   fmt = checkpoint_format(path)
-  path = local(path)
   if fmt == 'safetensors':
     return read_safetensors(path)
   if fmt == 'torch':
