@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices (set before jax is imported), the repo root on sys.path, no network."""
 import os
+import shutil
 import sys
+import tempfile
 
 # LLVM optimisation level 0 compiles CPU executables 1.5-3x faster (random initialisers dominate: each compiles
 # to a loop) with the same results and about the same run time, since convolutions and matmuls are library
@@ -10,8 +12,22 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # timm must never reach for the hub
 os.environ.setdefault('TFDS_DATA_DIR', '/nonexistent-tfds-data-dir')  # a test that forgets data_dir fails fast
+# One persistent compilation cache for the run: pytest's workers and every process the tests start inherit this
+# variable, and many tests compile the same programs (the quickstart's steps in each workdir they train, eval.py's
+# step after train.py's); tests/test_docs.py and tests/test_workdirs.py take 40% less time with it. The process
+# that starts the run makes the folder and removes it at the end (pytest_unconfigure), so no run reads another's.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = CACHE = tempfile.mkdtemp(prefix='mixer_jax_tests_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+else:
+  CACHE = None  # a worker's, or the user's own
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixer_jax import cli  # noqa: E402  (no JAX inside)
 
 cli.tpu_compiler_environment()  # TPU compiles (tests/test_aot.py) in both pytest workers
+
+
+def pytest_unconfigure(config):
+  if CACHE:
+    shutil.rmtree(CACHE, ignore_errors=True)
