@@ -47,11 +47,11 @@ debian-packages:
 	fi
 
 test: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The suite without the tests marked slow (pytest.ini): for the edit-test loop; `make test` stays the CI command.
 test-fast: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m 'not slow' tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy. ARGS go to train.py,
 # e.g. make quickstart ARGS=--config.total_steps=300 (a short run; tests/test_docs.py runs it so).

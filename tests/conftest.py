@@ -31,3 +31,17 @@ cli.tpu_compiler_environment()  # TPU compiles (tests/test_aot.py) in both pytes
 def pytest_unconfigure(config):
   if CACHE:
     shutil.rmtree(CACHE, ignore_errors=True)
+
+
+# The files that take longest, first (measured with --durations=0): pytest-xdist gives each free worker the next file
+# in this order (make test: --dist loadfile --no-loadscope-reorder, instead of the default, most tests first, which
+# left the files of a few long tests for the end and one worker alone with them).
+LONGEST_FIRST = ('test_aot_gpu.py', 'test_docs.py', 'test_aot.py', 'test_buckets.py', 'test_train.py',
+                 'test_models.py', 'test_recipes.py', 'test_multihost.py', 'test_gpu_launchers.py',
+                 'test_convert_timm.py', 'test_data_pipeline.py', 'test_workdirs.py', 'test_commands.py',
+                 'test_bench.py', 'test_checkpoints.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
