@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (set before jax is imported), the repo root on sys.path, no network."""
+"""Test set-up: 8 simulated CPU devices (set before jax is imported), one compilation cache per run, the longest files
+first, the repo root on sys.path, no network."""
 import os
 import shutil
 import sys
