@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # 8 simulated CPU devices, so that sharding is exercised without accelerators (see tests/conftest.py).
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
+# Whole files per worker, the longest first (the order is tests/conftest.py's, not xdist's most-tests-first).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: bench gpu-compiler quickstart test test-fast venv debian-packages
 
@@ -47,11 +49,11 @@ debian-packages:
 	fi
 
 test: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(TEST_ENV) $(PYTEST) tests
 
 # The suite without the tests marked slow (pytest.ini): for the edit-test loop; `make test` stays the CI command.
 test-fast: $(VENV)/.installed $(GPU_COMPILER)/.installed debian-packages
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m 'not slow' tests
+	$(TEST_ENV) $(PYTEST) -m 'not slow' tests
 
 # The offline default: a small MLP-Mixer on Fashion-MNIST on the CPU; prints the test accuracy. ARGS go to train.py,
 # e.g. make quickstart ARGS=--config.total_steps=300 (a short run; tests/test_docs.py runs it so).
