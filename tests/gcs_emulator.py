@@ -4,7 +4,11 @@ only ever talks to https://*.googleapis.com and reads no emulator variable, an H
 hosts with a certificate from a CA made here and forwards each request to the emulator.
 
 `Emulator.environment()` is what a process needs to use it: STORAGE_EMULATOR_HOST for Google's clients (the project
-derives tensorstore's and gcsfs's settings from it), and the proxy, the CA and no credentials for TensorFlow.
+derives tensorstore's and gcsfs's settings from it), and the proxy, the CA and no credentials for TensorFlow. Every
+client reaches the server through `Emulator.gate`, which a test closes to cut them off from it, as from a bucket
+that stopped answering, and opens again.
+
+`python tests/gcs_emulator.py BUCKET...` serves one by hand (the bucket benchmark in BENCHMARKS.md).
 """
 import datetime
 import http.client
@@ -38,6 +42,7 @@ class Emulator:
   def __init__(self, folder: str):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
+    self.gate = Gate(self.port)
     self._process = None
     self.start()
     self._ca_file, context = _certificates(folder)
@@ -52,7 +57,7 @@ class Emulator:
     guard = ['setpriv', '--pdeathsig', 'KILL'] if shutil.which('setpriv') else []
     self._process = subprocess.Popen(
         [*guard, str(_get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self.port),
-         '-public-host', f'127.0.0.1:{self.port}', '-external-url', self.url, '-backend', 'memory',
+         '-public-host', f'127.0.0.1:{self.gate.port}', '-external-url', self.gate.url, '-backend', 'memory',
          '-log-level', 'error'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while True:
@@ -75,9 +80,11 @@ class Emulator:
     return f'gs://{name}'
 
   def environment(self) -> dict[str, str]:
-    return {'STORAGE_EMULATOR_HOST': self.url, 'HTTPS_PROXY': f'http://127.0.0.1:{self._proxy.getsockname()[1]}',
-            'https_proxy': f'http://127.0.0.1:{self._proxy.getsockname()[1]}', 'NO_PROXY': '127.0.0.1,localhost',
-            'no_proxy': '127.0.0.1,localhost', 'CURL_CA_BUNDLE': self._ca_file, 'NO_GCE_CHECK': 'true'}
+    """The clients reach the server through `gate`."""
+    proxy = f'http://127.0.0.1:{self._proxy.getsockname()[1]}'
+    return {'STORAGE_EMULATOR_HOST': self.gate.url, 'HTTPS_PROXY': proxy,
+            'https_proxy': proxy, 'NO_PROXY': '127.0.0.1,localhost', 'no_proxy': '127.0.0.1,localhost',
+            'CURL_CA_BUNDLE': self._ca_file, 'NO_GCE_CHECK': 'true'}
 
   # ---------------------------------------------------------------------------------------------------- proxy
   def _serve_proxy(self, context: ssl.SSLContext) -> None:
@@ -113,10 +120,10 @@ class Emulator:
     # which the server answers with 501.
     headers = [(k, v) for k, v in headers if k.lower() not in ('host', 'transfer-encoding', 'content-length',
                                                                'proxy-connection')]
-    connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
+    connection = http.client.HTTPConnection('127.0.0.1', self.gate.port, timeout=30)
     try:
       connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-      connection.putheader('Host', f'127.0.0.1:{self.port}')
+      connection.putheader('Host', f'127.0.0.1:{self.gate.port}')
       for k, v in headers:
         connection.putheader(k, v)
       connection.putheader('Content-Length', str(len(body)))
@@ -127,6 +134,48 @@ class Emulator:
       return 503, 'Service Unavailable', [], b''
     finally:
       connection.close()
+
+
+class Gate:
+  """A TCP relay on a port of its own in front of the server: `close()` refuses new connections and cuts the open
+  ones, as an endpoint that stopped answering would; `open()` lets them through again, the objects intact."""
+
+  def __init__(self, target: int):
+    self.port, self._target, self._sockets, self._listener = _free_port(), target, set(), None
+    self.url = f'http://127.0.0.1:{self.port}'
+    self.open()
+
+  def open(self) -> None:
+    self._listener = socket.create_server(('127.0.0.1', self.port))
+    threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+  def close(self) -> None:
+    self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way (close alone would not)
+    self._listener.close()
+    for s in list(self._sockets):
+      s.close()
+
+  def _accept(self, listener) -> None:
+    while True:
+      try:
+        client = listener.accept()[0]
+        upstream = socket.create_connection(('127.0.0.1', self._target))
+      except OSError:  # closed
+        return
+      self._sockets.update((client, upstream))
+      for a, b in ((client, upstream), (upstream, client)):
+        threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+  def _pipe(self, source, sink) -> None:
+    try:
+      while (chunk := source.recv(1 << 16)):
+        sink.sendall(chunk)
+    except OSError:
+      pass
+    finally:
+      for s in (source, sink):
+        s.close()
+        self._sockets.discard(s)
 
 
 def _head(reader):
@@ -183,3 +232,26 @@ def _certificates(folder: str) -> tuple[str, ssl.SSLContext]:
   context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
   context.load_cert_chain(chain_file, key_file)
   return ca_file, context
+
+
+def main() -> None:
+  """`python tests/gcs_emulator.py BUCKET...`: serves an emptied emulator with these buckets until Ctrl-C, printing
+  the environment a command needs to use it (e.g. `python -m mixer_jax.bench checkpoint --workdir gs://BUCKET`)."""
+  import sys
+  import tempfile
+  folder = tempfile.mkdtemp(prefix='gcs_emulator_')
+  server = Emulator(folder)
+  buckets = [server.make_bucket(name) for name in sys.argv[1:]]
+  print(f'serving {", ".join(buckets) or "no bucket"}; in the shell that uses it:\n'
+        f'  export STORAGE_EMULATOR_HOST={server.gate.url}\nCtrl-C stops it', flush=True)
+  try:
+    server._process.wait()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.stop()
+    shutil.rmtree(folder)
+
+
+if __name__ == '__main__':
+  main()
