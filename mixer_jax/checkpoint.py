@@ -26,6 +26,7 @@ The data position needs no saving: the input stream is a pure function of (seed,
 Must not: decide when to save (the trainer does), know what is inside the state (any pytree of arrays on one set of
 devices), or delete a checkpoint beyond orbax's keep policy (damaged ones are moved aside, never deleted).
 """
+import contextlib
 import itertools
 import signal
 import sys
@@ -37,12 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from mixer_jax import paths
 
 CHECKSUMS = 'state_checksums'  # the key in the step's custom metadata
 _SHOWN = 4  # differing leaves named in a message
 COMMIT_MARKER = 'commit_success.txt'  # in a bucket, orbax takes a step folder for a checkpoint once this is in it
+
+
+class CheckpointWriteError(OSError):
+  """The workdir could not be written (its storage failed or stopped answering); the message says which step a
+  restart resumes from."""
 
 
 class _Damaged(Exception):
@@ -60,22 +67,30 @@ class Checkpointer:
       raise ValueError(f'checkpoint.keep_every_steps={keep_every_steps}: set None (keep only the last '
                        'checkpoint.keep) or >= 1 (also keep every checkpoint at a multiple of it)')
     paths.configure_clients()
-    workdir = paths.resolve(workdir)
-    self.directory = paths.join(workdir, 'checkpoints')
-    self.damaged_directory = paths.join(workdir, 'checkpoints_damaged')
+    _bound_bucket_retries(paths.bucket_retries())
+    _ignore_io_into_closed_loops()
+    self.workdir = paths.resolve(workdir)
+    self.directory = paths.join(self.workdir, 'checkpoints')
+    self.damaged_directory = paths.join(self.workdir, 'checkpoints_damaged')
     # The handler registered up front lets metadata(step) read a checkpoint's tree before anything is restored.
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every_steps,
                                              enable_async_checkpointing=async_save, create=True))
+    self._writing = None  # the step of the last save not yet known to be complete
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
     """Starts writing `state` and its checksums as checkpoint `step` (in the background when async) unless it
-    exists. Blocks for the checksum pass and orbax's copy of the state to host memory."""
-    if step not in self._manager.all_steps():
+    exists, once the previous save is complete. Blocks for the checksum pass and orbax's copy of the state to host
+    memory. A save that fails (here or in the background) raises CheckpointWriteError, here or in `wait`."""
+    self.wait()
+    if step in self._manager.all_steps():
+      return
+    self._writing = step
+    with self._failures_named():
       self._manager.save(step, args=ocp.args.StandardSave(state), custom_metadata={CHECKSUMS: checksums(state)},
                          force=True)
 
@@ -115,7 +130,6 @@ class Checkpointer:
   def _restore_verified(self, step: int, abstract_state):
     """Checkpoint `step` after checking its tree against `abstract_state` and its arrays against its checksums;
     _Damaged when it cannot be read or does not match its checksums."""
-    _ignore_reads_into_closed_loops()
     saved_leaves, expected = _agreed(lambda: self._saved_metadata(step), 'its metadata is unreadable')
     differences = _differences(saved_leaves, _leaves(abstract_state))
     if differences:
@@ -158,10 +172,51 @@ class Checkpointer:
     return target
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is complete; CheckpointWriteError when it failed."""
+    with self._failures_named():
+      self._manager.wait_until_finished()
+    self._writing = None
+
+  def write_failed(self, what: str, error: Exception) -> CheckpointWriteError:
+    """`error`, a failed write of `what` to the workdir (by any library), as one line naming the step a restart
+    resumes from. Waits for the save in flight first: a storage that failed one write fails that save too, and only
+    its outcome tells which checkpoint is the newest complete one."""
+    try:
+      self.wait()
+    except CheckpointWriteError as failed_save:
+      return failed_save
+    return self._failure(what, error, failed_step=None)
+
+  @contextlib.contextmanager
+  def _failures_named(self):
+    """A save's failure (a storage error, raised by whichever library was writing) as `write_failed`'s one line."""
+    try:
+      yield
+    except (MemoryError, jax.errors.JaxRuntimeError):
+      raise
+    except Exception as error:
+      step, self._writing = self._writing, None
+      raise self._failure(f'checkpoint {step}', error, failed_step=step) from error
+
+  def _failure(self, what: str, error: Exception, failed_step: int | None) -> CheckpointWriteError:
+    complete = [s for s in self._manager.all_steps() if s != failed_step]
+    resume = f'step {max(complete)}' if complete else 'the start (no checkpoint is complete)'
+    return CheckpointWriteError(f'{what} could not be written to {self.workdir} ({_first_line(error)}): once it is '
+                                f'writable again, run the same command to resume from {resume}')
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _bound_bucket_retries(retries: int) -> None:
+  """Bounds how long a save keeps retrying a bucket request that fails: tensorstore's default policy (32 retries,
+  backing off to 32 s) goes on for about 15 minutes against an endpoint that stopped answering, while the run keeps
+  training on a checkpoint that will never commit. orbax builds every TensorStore context from these two templates
+  (orbax.checkpoint's tensorstore_utils.get_ts_context, which takes no context of ours), so the policy goes into
+  them, for the whole process."""
+  policy = {'max_retries': retries, 'initial_delay': '1s', 'max_delay': '32s'}
+  for template in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    template['gcs_request_retries'] = policy
 
 
 def abstract_like(shapes, shardings):
@@ -271,11 +326,11 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {line}'
 
 
-def _ignore_reads_into_closed_loops() -> None:
-  """A failed orbax read ends its asyncio loop while tensorstore still completes the other reads it started; each
-  completion then raises 'Event loop is closed' in a tensorstore thread, and Python would print a traceback for
-  every one of them (dozens, about nothing: the damage is reported once). Installed before the first read, as some
-complete before the failure reaches us."""
+def _ignore_io_into_closed_loops() -> None:
+  """A failed orbax read or write ends its asyncio loop while tensorstore still completes the other requests it
+  started; each completion then raises 'Event loop is closed' in a tensorstore thread, and Python would print a
+  traceback for every one of them (dozens, about nothing: the failure is reported once). Installed before the first
+  request, as some complete before the failure reaches us."""
   hook = sys.unraisablehook
   if getattr(hook, 'ignores_closed_loops', False):
     return

@@ -17,6 +17,10 @@ from absl import flags as absl_flags
 
 # Libraries that log every file they touch at INFO; their warnings still show.
 _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/gcsfs/', '/fsspec/', '/jax/_src/xla_bridge.py')
+# Where a library logs an error with its traceback and then raises it again to its caller (orbax's save threads,
+# gcsfs's retries, clu's writer thread): the caller reports it in one line, so the log would only repeat it at length.
+_RAISED_AGAIN = ('/orbax/checkpoint/_src/futures/future.py', '/orbax/checkpoint/_src/checkpointers/async_checkpointer.py',
+                 '/orbax/checkpoint/checkpoint_manager.py', '/gcsfs/retry.py', '/clu/asynclib.py')
 # What bad input raises: configs, shapes, files and folders (OSError: missing, unwritable, a file where a folder
 # should be), a diverging run. Anything else is a bug and keeps its stack.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -29,6 +33,7 @@ HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 def quiet_library_logs(handler: logging.Handler) -> None:
   handler.addFilter(lambda r: r.levelno >= logging.WARNING or not any(p in r.pathname for p in _QUIET))
+  handler.addFilter(lambda r: not (r.exc_info and r.pathname.endswith(_RAISED_AGAIN)))
 
 
 def parse_options(text: str, what: str = 'options') -> dict:

@@ -13,7 +13,10 @@ everything else the project writes (metrics.jsonl, config.json, checkpoint folde
 system. epath is kept off TensorFlow's (`EPATH_USE_TF=0`): through it orbax loops forever on a missing bucket.
 `STORAGE_EMULATOR_HOST=http://HOST:PORT`, the variable Google's storage clients read, points tensorstore and gcsfs
 at a GCS emulator too (`configure_clients` derives their own settings from it); TensorFlow's file system has
-Google's endpoint built in and reads no such variable.
+Google's endpoint built in and reads no such variable. A request that fails is retried `bucket_retries()` times, 1 s,
+2 s, 4 s ... 32 s apart, by tensorstore and TensorFlow (gcsfs has its own 6 tries): bounded, so that a bucket that
+stopped answering ends the run with one line instead of leaving it training for a quarter of an hour on checkpoints
+that never commit.
 
 Files elsewhere (`local_copy`): a checkpoint file in a bucket, on the web or on the Hugging Face hub is copied once
 into a cache and verified against what its source announces before anything reads it.
@@ -33,6 +36,8 @@ import urllib.request
 from etils import epath
 
 CHECK_SECONDS = 10  # how long the bucket check waits for each request before it calls the bucket unreachable
+RETRIES_ENV = 'MIXER_JAX_BUCKET_RETRIES'
+BUCKET_RETRIES = 8  # about 2 minutes of retries before a failing request is given up
 HUB = 'hf-hub:'  # hf-hub:OWNER/REPO, timm's spelling of a Hugging Face hub repository
 
 
@@ -60,9 +65,31 @@ def at(path: str) -> epath.Path:
 
 
 # ---------------------------------------------------------------------------------------------------- buckets
+def bucket_retries(environ=os.environ) -> int:
+  """How often a failing bucket request is retried: MIXER_JAX_BUCKET_RETRIES, else BUCKET_RETRIES."""
+  text = environ.get(RETRIES_ENV, str(BUCKET_RETRIES))
+  if not text.isdigit():
+    raise ValueError(f'{RETRIES_ENV}={text!r}: give a whole number of retries >= 0 (default {BUCKET_RETRIES}, '
+                     'about 2 minutes)')
+  return int(text)
+
+
+def tensorflow_settings(environ=os.environ) -> dict[str, str]:
+  """TensorFlow's GCS retries (its default: 10, up to 32 s apart), which it reads once, when it is imported: the
+  package applies them as it is imported (mixer_jax/__init__.py). Empty for a malformed MIXER_JAX_BUCKET_RETRIES,
+  which `client_settings` reports."""
+  try:
+    retries = bucket_retries(environ)
+  except ValueError:
+    return {}
+  return {'GCS_RETRY_CONFIG_MAX_RETRIES': str(retries), 'GCS_RETRY_CONFIG_INIT_DELAY_TIME_US': '1000000',
+          'GCS_RETRY_CONFIG_MAX_DELAY_TIME_US': '32000000'}
+
+
 def client_settings(environ=os.environ) -> dict[str, str]:
   """The storage clients' settings that `environ` implies: epath on gcsfs always, and with STORAGE_EMULATOR_HOST
-  tensorstore's endpoint and what an emulator needs."""
+  tensorstore's endpoint and what an emulator needs. Checks MIXER_JAX_BUCKET_RETRIES."""
+  bucket_retries(environ)
   settings = {'EPATH_USE_TF': '0'}
   emulator = environ.get('STORAGE_EMULATOR_HOST')
   if emulator:

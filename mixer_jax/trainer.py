@@ -367,6 +367,27 @@ class _JsonlWriter(metric_writers.MetricWriter):
     self._log.close()
 
 
+class _FailuresNamed:
+  """The run's metric writer, whose failures (a workdir whose storage stopped answering: gcsfs for metrics.jsonl,
+  TensorFlow's GCS client for TensorBoard, re-raised by clu on the next write) end the run with one line naming the
+  checkpoint a restart resumes from."""
+
+  def __init__(self, writer: metric_writers.MetricWriter, ckpt: checkpoint.Checkpointer):
+    self._writer, self._ckpt = writer, ckpt
+
+  def write_scalars(self, step: int, scalars) -> None:
+    self._call(self._writer.write_scalars, step, scalars)
+
+  def close(self) -> None:
+    self._call(self._writer.close)
+
+  def _call(self, method, *args) -> None:
+    try:
+      method(*args)
+    except Exception as error:
+      raise self._ckpt.write_failed('metrics', error) from error
+
+
 def _row(line: str) -> dict | None:
   """A metrics.jsonl row; None for a line torn by a kill in mid-write (it held nothing whole)."""
   try:
@@ -524,7 +545,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, parameter_table: b
   if primary:
     writers.append(_JsonlWriter(paths.join(workdir, 'metrics.jsonl'), start_step=start_step,
                                 evaluations_repeat=start_step >= steps.total))
-  writer = metric_writers.MultiWriter(writers)
+  writer = _FailuresNamed(metric_writers.MultiWriter(writers), ckpt)
 
   # --- Input ---------------------------------------------------------------------------------------------
   train_iter = data.train_iter(

@@ -1,10 +1,11 @@
 """Workdirs in a bucket (gs://) against a Cloud Storage emulator on loopback (tests/gcs_emulator.py): the run's files
-and checkpoints land in the bucket, a run killed mid-save resumes to the uninterrupted run's parameters, damaged and
-uncommitted steps are passed over, and a missing bucket or an endpoint that does not answer is one line within
-seconds."""
+and checkpoints land in the bucket, a run killed mid-save or cut off from the bucket resumes to the uninterrupted
+run's parameters, damaged and uncommitted steps are passed over, and a missing bucket or an endpoint that does not
+answer is one line within seconds."""
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,28 +176,55 @@ def test_a_bucket_that_cannot_be_used_is_one_line_before_anything_runs(bucket, m
   assert message.startswith(f'error: --workdir {workdir}: {expected.format(bucket=bucket[5:])}'), message
 
 
+def _run_until(run, line: str) -> list[str]:
+  """The run's output up to its first line containing `line`."""
+  output = []
+  for text in run.stdout:
+    output.append(text)
+    if line in text:
+      return output
+  raise AssertionError(f'the run ended before {line!r}:\n' + ''.join(output))
+
+
 @pytest.mark.slow
-def test_a_run_in_a_bucket_killed_mid_save_resumes_to_the_uninterrupted_run(emulator, bucket, data_dir, tmp_path):
-  """Saving every step, SIGKILL lands during a save; the restarted run resumes from the newest committed step and
-  ends bitwise equal to a local run never stopped. metrics.jsonl, config.json and TensorBoard's events are in the
-  bucket; nothing is written to a local folder named like the URL."""
+def test_a_run_in_a_bucket_killed_or_cut_off_mid_save_resumes_to_the_uninterrupted_run(emulator, bucket, data_dir,
+                                                                                       tmp_path, monkeypatch):
+  """Saving every step, SIGKILL lands during a save; the restarted run resumes from the newest committed step. Then
+  the bucket stops answering during a save: the run ends with one line naming the step to resume from, and once the
+  bucket answers again the same command resumes from that step and ends bitwise equal to a local run never stopped.
+  metrics.jsonl, config.json and TensorBoard's events are in the bucket; nothing is written to a local folder named
+  like the URL."""
   steps, workdir = 30, f'{bucket}/run'
   straight = _train_py(tmp_path / 'straight', data_dir, steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  run = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', stdout=subprocess.PIPE,
-                  stderr=subprocess.STDOUT)
-  output = []
-  for line in run.stdout:
-    output.append(line)
-    if f'step 10/{steps}' in line:
-      run.send_signal(signal.SIGKILL)
-      break
+  pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  run = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', **pipe)
+  output = _run_until(run, f'step 10/{steps}')
+  run.send_signal(signal.SIGKILL)
   assert run.wait(timeout=60) == -signal.SIGKILL, ''.join(output)
   killed_at = checkpoint.Checkpointer(workdir, keep=2).latest_step()
   assert killed_at is not None and killed_at < steps
-  resumed = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', stdout=subprocess.PIPE,
-                      stderr=subprocess.STDOUT)
+
+  monkeypatch.setenv(paths.RETRIES_ENV, '1')  # gives up within a minute (gcsfs's own 6 tries take half of it)
+  run = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', **pipe)
+  output = _run_until(run, f'step 20/{steps}')
+  emulator.gate.close()
+  t0 = time.time()
+  output += run.communicate(timeout=180)[0].splitlines(keepends=True)
+  emulator.gate.open()
+  assert run.returncode == 1 and time.time() - t0 < 150, ''.join(output)
+  assert f'resumed from {workdir}/checkpoints at step {killed_at}' in ''.join(output)
+  cut_off_at = checkpoint.Checkpointer(workdir, keep=2).latest_step()
+  assert 20 - 2 <= cut_off_at < steps  # saves are asynchronous: the one under way and the next can be lost
+  error = [line for line in output if not line.startswith(('I1', 'W1'))][-1]  # after absl's log lines
+  assert re.match(rf'error: (checkpoint {cut_off_at + 1}|metrics) could not be written to {workdir} \(', error), error
+  assert error.rstrip().endswith(f'run the same command to resume from step {cut_off_at}'), error
+  assert not any(text in ''.join(output) for text in ('Traceback', 'Event loop is closed')), ''.join(output)
+  monkeypatch.delenv(paths.RETRIES_ENV)
+
+  resumed = _train_py(workdir, data_dir, steps, '--config.checkpoint_every_steps=1', **pipe)
   output = resumed.communicate(timeout=300)[0]
-  assert resumed.returncode == 0 and 'resumed from' in output and f'finished at step {steps}' in output, output
+  assert resumed.returncode == 0 and f'resumed from {workdir}/checkpoints at step {cut_off_at}' in output, output
+  assert f'finished at step {steps}' in output, output
   assert straight.wait(timeout=300) == 0
   a, b = _final_params(str(tmp_path / 'straight'), data_dir, steps), _final_params(workdir, data_dir, steps)
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))  # bitwise
