@@ -17,5 +17,4 @@ from mixer_jax import cli as _cli  # noqa: E402
 from mixer_jax import paths as _paths  # noqa: E402
 
 _cli.quiet_libtpu_probe()
-for _name, _value in _paths.tensorflow_settings().items():
-  _os.environ.setdefault(_name, _value)
+_os.environ.update(_paths.tensorflow_settings())

@@ -39,17 +39,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from mixer_jax import paths
 
 CHECKSUMS = 'state_checksums'  # the key in the step's custom metadata
 _SHOWN = 4  # differing leaves named in a message
 COMMIT_MARKER = 'commit_success.txt'  # in a bucket, orbax takes a step folder for a checkpoint once this is in it
-
-
-class CheckpointWriteError(OSError):
-  """The workdir could not be written (its storage failed or stopped answering); the message says which step a
-  restart resumes from."""
 
 
 class _Damaged(Exception):
@@ -74,8 +70,8 @@ class Checkpointer:
       # host memory and the writes over devices and hosts. One process on the CPU has neither to spread, and the
       # slicing compiles a program per slice and device: 280 for the DaViT quickstart on 8 devices, 15 s of its
       # first save. (orbax turns it off on GPUs itself.)
-      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                              override=True)
+      type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(  # the public register_type_handler logs a warning
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True, ignore_warnings=True)
     self.workdir = paths.resolve(workdir)
     self.directory = paths.join(self.workdir, 'checkpoints')
     self.damaged_directory = paths.join(self.workdir, 'checkpoints_damaged')
@@ -92,7 +88,7 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     """Starts writing `state` and its checksums as checkpoint `step` (in the background when async) unless it
     exists, once the previous save is complete. Blocks for the checksum pass and orbax's copy of the state to host
-    memory. A save that fails (here or in the background) raises CheckpointWriteError, here or in `wait`."""
+    memory. A save that fails (here or in the background) raises paths.WorkdirWriteError, here or in `wait`."""
     self.wait()
     if step in self._manager.all_steps():
       return
@@ -179,18 +175,18 @@ class Checkpointer:
     return target
 
   def wait(self) -> None:
-    """Blocks until the save in flight is complete; CheckpointWriteError when it failed."""
+    """Blocks until the save in flight is complete; paths.WorkdirWriteError when it failed."""
     with self._failures_named():
       self._manager.wait_until_finished()
     self._writing = None
 
-  def write_failed(self, what: str, error: Exception) -> CheckpointWriteError:
+  def write_failed(self, what: str, error: Exception) -> paths.WorkdirWriteError:
     """`error`, a failed write of `what` to the workdir (by any library), as one line naming the step a restart
     resumes from. Waits for the save in flight first: a storage that failed one write fails that save too, and only
     its outcome tells which checkpoint is the newest complete one."""
     try:
       self.wait()
-    except CheckpointWriteError as failed_save:
+    except paths.WorkdirWriteError as failed_save:
       return failed_save
     return self._failure(what, error, failed_step=None)
 
@@ -205,10 +201,10 @@ class Checkpointer:
       step, self._writing = self._writing, None
       raise self._failure(f'checkpoint {step}', error, failed_step=step) from error
 
-  def _failure(self, what: str, error: Exception, failed_step: int | None) -> CheckpointWriteError:
+  def _failure(self, what: str, error: Exception, failed_step: int | None) -> paths.WorkdirWriteError:
     complete = [s for s in self._manager.all_steps() if s != failed_step]
     resume = f'step {max(complete)}' if complete else 'the start (no checkpoint is complete)'
-    return CheckpointWriteError(f'{what} could not be written to {self.workdir} ({_first_line(error)}): once it is '
+    return paths.WorkdirWriteError(f'{what} could not be written to {self.workdir} ({_first_line(error)}): once it is '
                                 f'writable again, run the same command to resume from {resume}')
 
   def close(self) -> None:

@@ -15,6 +15,8 @@ from typing import Callable, TypeVar
 
 from absl import flags as absl_flags
 
+from mixer_jax import paths
+
 # Libraries that log every file they touch at INFO; their warnings still show.
 _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/gcsfs/', '/fsspec/', '/jax/_src/xla_bridge.py')
 # Where a library logs an error with its traceback and then raises it again to its caller (orbax's save threads,
@@ -325,6 +327,13 @@ def run(fn: Callable[[], T], *, traceback: bool = False) -> T:
   except USER_ERRORS as error:
     if traceback:
       raise
+    if isinstance(error, paths.WorkdirWriteError):
+      # Library threads retrying other writes to the failed storage would hold the exit for minutes (orbax's save
+      # threads wait 300 s for each other, TensorFlow flushes TensorBoard's events again at exit): nothing they could
+      # still write is needed to resume, so the process ends now.
+      print(f'error: {error}', file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(1)
     sys.exit(f'error: {error}')
 
 

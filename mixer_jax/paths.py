@@ -41,6 +41,12 @@ BUCKET_RETRIES = 8  # about 2 minutes of retries before a failing request is giv
 HUB = 'hf-hub:'  # hf-hub:OWNER/REPO, timm's spelling of a Hugging Face hub repository
 
 
+class WorkdirWriteError(OSError):
+  """A write to the workdir failed, its storage failing or no longer answering; the message says which step a
+  restart resumes from. Library threads may still be retrying other writes to it (`cli.run` does not wait for them).
+  """
+
+
 def is_url(path: str) -> bool:
   return re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', path) is not None
 
@@ -76,8 +82,9 @@ def bucket_retries(environ=os.environ) -> int:
 
 def tensorflow_settings(environ=os.environ) -> dict[str, str]:
   """TensorFlow's GCS retries (its default: 10, up to 32 s apart), which it reads once, when it is imported: the
-  package applies them as it is imported (mixer_jax/__init__.py). Empty for a malformed MIXER_JAX_BUCKET_RETRIES,
-  which `client_settings` reports."""
+  package sets them as it is imported (mixer_jax/__init__.py), from MIXER_JAX_BUCKET_RETRIES, the one setting of all
+  clients (a child process inherits them: a value of its own would otherwise be ignored). Empty for a malformed
+  MIXER_JAX_BUCKET_RETRIES, which `client_settings` reports."""
   try:
     retries = bucket_retries(environ)
   except ValueError:

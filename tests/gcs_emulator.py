@@ -150,9 +150,13 @@ class Gate:
     threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
   def close(self) -> None:
-    self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way (close alone would not)
-    self._listener.close()
-    for s in list(self._sockets):
+    # shutdown() wakes the accept() and recv() calls under way (close() alone would not: an open connection would
+    # then hang, its request neither answered nor failed) and resets the connections, as a failed endpoint does.
+    for s in [self._listener, *self._sockets]:
+      try:
+        s.shutdown(socket.SHUT_RDWR)
+      except OSError:  # not connected any more
+        pass
       s.close()
 
   def _accept(self, listener) -> None:
