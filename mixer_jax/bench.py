@@ -3,6 +3,7 @@
   python -m mixer_jax.bench model --model mixer_b16,davit_tiny --mode train,infer --batch 256 --dtype bfloat16
   python -m mixer_jax.bench input --pp "decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)"
   python -m mixer_jax.bench checkpoint --model mixer_b16 --batch 32 --every 10 --steps 20  (train step time +- saves)
+  python -m mixer_jax.bench checkpoint --model mixer_b16 --storage_only --workdir /tmp --workdir gs://BUCKET/PATH
   python -m mixer_jax.bench compile --config=configs/mixer_i1k.py --topology=v3:8x8|h100:8  (mixer_jax/aot.py)
   python -m mixer_jax.bench compile-table --platform=tpu|gpu  (BENCHMARKS.md's compile tables, compile_tables.py)
 
@@ -26,12 +27,13 @@ A new benchmark adds an `_add_<name>_parser(subparsers)` that sets `run=` to its
 from `main`.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -406,56 +408,120 @@ def _add_model_parser(subparsers):
 
 # ------------------------------------------------------------------------------------------------ checkpoint
 def checkpoint_benchmark(name: str, *, batch: int = 32, every: int = 10, steps: int = 20, repeats: int = 3,
-                         model_options: dict | None = None, workdir: str | None = None) -> dict:
-  """The real train step's median time per step without checkpoints and with `Checkpointer(async_save=True)`
-  saving (state and checksums) every `every` steps into a temporary directory, their repeats taking turns
-  (`_time_calls`); also the median time a save call blocks and that of the checksum pass alone.
+                         model_options: dict | None = None, workdirs: Sequence[str | None] = (None,), saves: int = 3,
+                         storage_only: bool = False) -> dict:
+  """What checkpoints cost a run of the real train step, written to a temporary folder in each of `workdirs` (a
+  local directory, None for $TMPDIR, or a bucket, gs://...), removed at the end.
 
-  A repeat with checkpoints ends when its last save is on disk, so a background write never spills into the other
-  call's time: the ratio is an upper bound on what saving costs a run.
+  The storages: `saves` rounds, each saving the state once into every storage in turn, each save timed from the
+  call to the checkpoint's commit (`Checkpointer.wait`), with the time the call blocks; then as many rounds of
+  restores of the newest one, verified against its checksums (`Checkpointer.restore`). Medians, and each storage's
+  over the first's.
+  The run (unless `storage_only`), in the first storage: the step's median time per step without checkpoints and
+  with `Checkpointer(async_save=True)` saving every `every` steps, their repeats taking turns (`_time_calls`); also
+  the median time a save call blocks and that of the checksum pass alone. A repeat with checkpoints ends when its
+  last save is committed, so a background write never spills into the other call's time: the ratio is an upper
+  bound on what saving costs a run.
   """
   import jax
-  from mixer_jax import checkpoint, sharding
-  if steps < every:
+  from mixer_jax import checkpoint
+  if steps < every and not storage_only:
     raise ValueError(f'--steps {steps} < --every {every}: a timed repeat would save no checkpoint; give --steps '
                      '>= --every')
   step = compile_step(name, batch=batch, model_options=model_options)
+  state = step.state
+  row = dict(model=name, batch=batch, devices=step.mesh.devices.size,
+             state_gib=sum(x.nbytes for x in jax.tree.leaves(state)) / 2**30)
+  with contextlib.ExitStack() as folders:
+    ckpts = [checkpoint.Checkpointer(folders.enter_context(_scratch_folder(w)), keep=2, async_save=True)
+             for w in workdirs]
+    for ckpt in ckpts:
+      ckpt.save(0, state)  # compiles the checksum pass and sets orbax up, untimed
+      ckpt.wait()
+    if not storage_only:
+      state, times = _step_times(step, state, ckpts[0], every=every, steps=steps, repeats=repeats)
+      row.update(times)
+    row['storages'] = _storage_times(ckpts, state, saves)
+    for ckpt in ckpts:
+      ckpt.close()
+  for storage, workdir in zip(row['storages'], workdirs):
+    storage['storage'] = workdir or tempfile.gettempdir()
+  return row
+
+
+def _step_times(step, state, ckpt, *, every: int, steps: int, repeats: int) -> tuple[Any, dict]:
+  import jax
+  from mixer_jax import checkpoint, sharding
   data = sharding.global_batch(step.host_batch, step.mesh)
-  state, counts, blocking, warmup = step.state, {False: 0, True: 0}, [], 1
+  counts, blocking, warmup = {False: 0, True: 0}, [], 1
 
-  with tempfile.TemporaryDirectory(dir=workdir) as root:
-    ckpt = checkpoint.Checkpointer(root, keep=2, async_save=True)
-    ckpt.save(0, state)  # compiles the checksum pass and sets orbax up, untimed
-    ckpt.wait()
+  def train(saving: bool):
+    def call():
+      nonlocal state
+      state, metrics = step.compiled(state, data)  # the state is donated: feed each step the last one
+      counts[saving] = n = counts[saving] + 1
+      if saving and n % every == 0:
+        jax.block_until_ready(state)  # the steps dispatched ahead finish here, not inside the save's time
+        start = time.perf_counter()
+        ckpt.save(n, state)
+        blocking.append(time.perf_counter() - start)
+      if saving and (n - warmup) % steps == 0:  # the last call of the warm-up or of a timed repeat
+        ckpt.wait()
+      return metrics
+    return call
 
-    def train(saving: bool):
-      def call():
-        nonlocal state
-        state, metrics = step.compiled(state, data)  # the state is donated: feed each step the last one
-        counts[saving] = n = counts[saving] + 1
-        if saving and n % every == 0:
-          jax.block_until_ready(state)  # the steps dispatched ahead finish here, not inside the save's time
-          start = time.perf_counter()
-          ckpt.save(n, state)
-          blocking.append(time.perf_counter() - start)
-        if saving and (n - warmup) % steps == 0:  # the last call of the warm-up or of a timed repeat
-          ckpt.wait()
-        return metrics
-      return call
-
-    times = _time_calls({'without': train(False), 'with': train(True)}, steps=steps, repeats=repeats, warmup=warmup)
-    checksum_s = []
-    for _ in range(3):
-      start = time.perf_counter()
-      checkpoint.checksums(state)
-      checksum_s.append(time.perf_counter() - start)
-    ckpt.close()
+  times = _time_calls({'without': train(False), 'with': train(True)}, steps=steps, repeats=repeats, warmup=warmup)
+  checksum_s = []
+  for _ in range(3):
+    start = time.perf_counter()
+    checkpoint.checksums(state)
+    checksum_s.append(time.perf_counter() - start)
   without, with_saves = float(np.median(times['without'])), float(np.median(times['with']))
-  return dict(model=name, batch=batch, devices=step.mesh.devices.size, every=every, steps=steps, repeats=repeats,
-              state_gib=sum(x.nbytes for x in jax.tree.leaves(state)) / 2**30, step_s=without,
-              step_s_with_saves=with_saves, ratio=with_saves / without, step_s_repeats=times['without'],
-              step_s_with_saves_repeats=times['with'], saves=len(blocking),
-              save_blocking_s=float(np.median(blocking)), checksum_s=float(np.median(checksum_s)))
+  return state, dict(every=every, steps=steps, repeats=repeats, step_s=without, step_s_with_saves=with_saves,
+                     ratio=with_saves / without, step_s_repeats=times['without'],
+                     step_s_with_saves_repeats=times['with'], saves=len(blocking),
+                     save_blocking_s=float(np.median(blocking)), checksum_s=float(np.median(checksum_s)))
+
+
+def _storage_times(ckpts: list, state, saves: int) -> list[dict]:
+  """Per checkpointer: medians of `saves` saves (blocking, commit) and restores, the checkpointers taking turns."""
+  import jax
+  from mixer_jax import checkpoint
+  blocks, commits, restores = ([[] for _ in ckpts] for _ in range(3))
+  for n in range(1, saves + 1):
+    for i, ckpt in enumerate(ckpts):
+      start = time.perf_counter()
+      ckpt.save(n, state)
+      blocks[i].append(time.perf_counter() - start)
+      ckpt.wait()
+      commits[i].append(time.perf_counter() - start)
+  target = checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
+  for _ in range(saves):
+    for i, ckpt in enumerate(ckpts):
+      start = time.perf_counter()
+      jax.block_until_ready(ckpt.restore(target))
+      restores[i].append(time.perf_counter() - start)
+  rows = [dict(saves=saves, save_blocking_s=float(np.median(b)), commit_s=float(np.median(c)),
+               restore_s=float(np.median(r))) for b, c, r in zip(blocks, commits, restores)]
+  for row in rows:
+    row.update({f'{k}_ratio': row[k] / rows[0][k] for k in ('save_blocking_s', 'commit_s', 'restore_s')})
+  return rows
+
+
+@contextlib.contextmanager
+def _scratch_folder(workdir: str | None):
+  """A new folder in `workdir` (local, default $TMPDIR, or gs://...), removed with what is in it at the end."""
+  if workdir is None or not paths.is_url(workdir):
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+      yield root
+    return
+  paths.check_writable(workdir, '--workdir')
+  root = paths.join(workdir, f'bench_checkpoint.{os.getpid()}.{time.time_ns()}')
+  try:
+    yield root
+  finally:
+    if paths.at(root).exists():
+      paths.at(root).rmtree()
 
 
 def _run_checkpoint(args):
@@ -463,26 +529,37 @@ def _run_checkpoint(args):
   models.variant(args.model)  # an unknown name fails before anything is compiled, listing the known ones
   row = checkpoint_benchmark(args.model, batch=args.batch, every=args.every, steps=args.steps, repeats=args.repeats,
                              model_options=cli.parse_options(args.model_options, '--model_options'),
-                             workdir=args.workdir)
-  print(f'{row["model"]} train step, batch {row["batch"]} on {row["devices"]} devices, train state '
-        f'{row["state_gib"]:.3f} GiB; async checkpoint every {row["every"]} steps; {row["repeats"]} repeats of '
-        f'{row["steps"]} steps taking turns, medians:')
-  print(f'  without checkpoints {row["step_s"] * 1e3:.1f} ms/step; with {row["step_s_with_saves"] * 1e3:.1f} '
-        f'ms/step: ratio {row["ratio"]:.3f}')
-  print(f'  a save call blocks {row["save_blocking_s"] * 1e3:.1f} ms ({row["saves"]} saves); the checksum pass in it '
-        f'takes {row["checksum_s"] * 1e3:.1f} ms alone')
+                             workdirs=args.workdir or [None], saves=args.saves, storage_only=args.storage_only)
+  print(f'{row["model"]}, train state {row["state_gib"]:.3f} GiB; medians:')
+  if not args.storage_only:
+    print(f'  train step, batch {row["batch"]} on {row["devices"]} devices, {row["repeats"]} repeats of '
+          f'{row["steps"]} steps taking turns, in {row["storages"][0]["storage"]}: without checkpoints '
+          f'{row["step_s"] * 1e3:.1f} ms/step; with an async save every {row["every"]} steps '
+          f'{row["step_s_with_saves"] * 1e3:.1f} ms/step: ratio {row["ratio"]:.3f}')
+    print(f'  a save call blocks {row["save_blocking_s"] * 1e3:.1f} ms ({row["saves"]} saves); the checksum pass in '
+          f'it takes {row["checksum_s"] * 1e3:.1f} ms alone')
+  for i, storage in enumerate(row['storages']):
+    ratios = '' if i == 0 else (f' (x{storage["save_blocking_s_ratio"]:.2f}, x{storage["commit_s_ratio"]:.2f}, '
+                                f'x{storage["restore_s_ratio"]:.2f} the first\'s)')
+    print(f'  {storage["storage"]}: {storage["saves"]} saves, the call blocks {storage["save_blocking_s"]:.2f} s, '
+          f'committed {storage["commit_s"]:.2f} s after the call; a verified restore {storage["restore_s"]:.2f} s'
+          f'{ratios}')
   append_jsonl(args.jsonl, row)
 
 
 def _add_checkpoint_parser(subparsers):
-  p = subparsers.add_parser('checkpoint', help='train step time without and with async checkpoints')
+  p = subparsers.add_parser('checkpoint', help='what checkpoints cost: the train step time without and with async '
+                            'saves, and the save, commit and restore times of storages')
   p.add_argument('--model', required=True, help='model name, e.g. mixer_b16')
   p.add_argument('--model_options', default='', help='model overrides key=value,..., e.g. num_blocks=2')
   p.add_argument('--batch', type=cli.at_least(1), default=32, help='global batch')
   p.add_argument('--every', type=cli.at_least(1), default=10, help='steps between checkpoints')
   p.add_argument('--steps', type=cli.at_least(1), default=20, help='steps per timed repeat (>= --every)')
   p.add_argument('--repeats', type=cli.at_least(1), default=3, help='timed repeats of each; the median is reported')
-  p.add_argument('--workdir', default=None, help='where the temporary checkpoints go (default: $TMPDIR)')
+  p.add_argument('--saves', type=cli.at_least(1), default=3, help='saves (and restores) timed in each storage')
+  p.add_argument('--storage_only', action='store_true', help='time the saves and restores only, no train steps')
+  p.add_argument('--workdir', action='append', help='where the temporary checkpoints go: a directory (default: '
+                 '$TMPDIR) or a bucket, gs://BUCKET/PATH; give it again to compare storages, timed in turns')
   p.add_argument('--jsonl', default=None, help='append the row as one JSON object to this file')
   p.set_defaults(run=_run_checkpoint)
 
@@ -585,8 +662,9 @@ def main(argv=None):
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
   for path in ('jsonl', 'workdir', 'table_from'):  # ~, relative (mixer_jax/paths.py)
-    if getattr(args, path, None):
-      setattr(args, path, paths.resolve(getattr(args, path)))
+    value = getattr(args, path, None)
+    if value:
+      setattr(args, path, [paths.resolve(v) for v in value] if isinstance(value, list) else paths.resolve(value))
   if getattr(args, 'jsonl', None):
     cli.run(lambda: cli.check_output_file(args.jsonl, '--jsonl'))
   cli.run(lambda: args.run(args))

@@ -18,9 +18,9 @@ import tensorflow as tf
 
 import gcs_emulator
 import train
-from mixer_jax import checkpoint, convert, data, models, paths, trainer
+from mixer_jax import bench, checkpoint, convert, data, models, paths, trainer
 from mixer_jax.convert import files
-from test_checkpoint_damage import _abstract, _assert_identical, _mesh, _save  # _save takes a URL as a folder
+from test_checkpoint_damage import TINY_MIXER, _abstract, _assert_identical, _mesh, _save  # _save takes a URL
 from test_multihost import _finish, _launch, _train_args
 from test_train import REPO, _final_params, _train_py, data_dir  # noqa: F401 (data_dir: a fixture)
 
@@ -240,6 +240,22 @@ def test_a_run_in_a_bucket_killed_or_cut_off_mid_save_resumes_to_the_uninterrupt
   assert evaluated.returncode == 0, evaluated.stderr
   results = json.load(open(tmp_path / 'r.json'))['evals']['test']
   assert results['top1'] == next(r['test/top1'] for r in rows if 'test/top1' in r)
+
+
+def test_checkpoint_benchmark_compares_a_disk_and_a_bucket_and_leaves_nothing_in_them(bucket, tmp_path, capsys):
+  jsonl, disk = tmp_path / 'bench.jsonl', tmp_path / 'disk'
+  disk.mkdir()
+  bench.main(['checkpoint', '--model', 'mixer_s32', '--model_options', TINY_MIXER, '--batch', '8', '--storage_only',
+              '--saves', '2', '--workdir', str(disk), '--workdir', f'{bucket}/bench', '--jsonl', str(jsonl)])
+  out = capsys.readouterr().out
+  assert f'{bucket}/bench: 2 saves' in out and "the first's" in out, out
+  row = json.loads(jsonl.read_text())
+  assert [s['storage'] for s in row['storages']] == [str(disk), f'{bucket}/bench'] and 'step_s' not in row
+  for storage in row['storages']:
+    assert 0 < storage['save_blocking_s'] < storage['commit_s'] and storage['restore_s'] > 0
+  first, bucketed = row['storages']
+  assert bucketed['commit_s_ratio'] == pytest.approx(bucketed['commit_s'] / first['commit_s'])
+  assert paths.files(bucket) == [] and os.listdir(disk) == []
 
 
 @pytest.mark.slow

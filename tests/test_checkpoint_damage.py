@@ -240,6 +240,9 @@ def test_checkpoint_benchmark(tmp_path, capsys):
   row = json.loads(jsonl.read_text())
   assert row['saves'] == 2 and len(row['step_s_with_saves_repeats']) == 2  # one per timed repeat
   assert row['ratio'] == pytest.approx(row['step_s_with_saves'] / row['step_s'])
+  storage, = row['storages']
+  assert storage['saves'] == 3 and 0 < storage['save_blocking_s'] < storage['commit_s'] and storage['restore_s'] > 0
+  assert storage['storage'] == str(tmp_path) and storage['commit_s_ratio'] == 1
   assert os.listdir(tmp_path) == ['bench.jsonl']  # the checkpoints went with their temporary directory
 
 
