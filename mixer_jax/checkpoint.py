@@ -204,8 +204,8 @@ class Checkpointer:
   def _failure(self, what: str, error: Exception, failed_step: int | None) -> paths.WorkdirWriteError:
     complete = [s for s in self._manager.all_steps() if s != failed_step]
     resume = f'step {max(complete)}' if complete else 'the start (no checkpoint is complete)'
-    return paths.WorkdirWriteError(f'{what} could not be written to {self.workdir} ({_first_line(error)}): once it is '
-                                f'writable again, run the same command to resume from {resume}')
+    return paths.WorkdirWriteError(f'{what} could not be written to {self.workdir} ({_first_line(error)}): once it '
+                                   f'is writable again, run the same command to resume from {resume}')
 
   def close(self) -> None:
     self._manager.close()

@@ -21,8 +21,8 @@ from mixer_jax import paths
 _QUIET = ('/orbax/', '/tensorflow_datasets/', '/etils/', '/clu/', '/gcsfs/', '/fsspec/', '/jax/_src/xla_bridge.py')
 # Where a library logs an error with its traceback and then raises it again to its caller (orbax's save threads,
 # gcsfs's retries, clu's writer thread): the caller reports it in one line, so the log would only repeat it at length.
-_RAISED_AGAIN = ('/orbax/checkpoint/_src/futures/future.py', '/orbax/checkpoint/_src/checkpointers/async_checkpointer.py',
-                 '/orbax/checkpoint/checkpoint_manager.py', '/gcsfs/retry.py', '/clu/asynclib.py')
+_RAISED_AGAIN = ('/orbax/checkpoint/_src/futures/future.py', '/orbax/checkpoint/checkpoint_manager.py',
+                 '/orbax/checkpoint/_src/checkpointers/async_checkpointer.py', '/gcsfs/retry.py', '/clu/asynclib.py')
 # What bad input raises: configs, shapes, files and folders (OSError: missing, unwritable, a file where a folder
 # should be), a diverging run. Anything else is a bug and keeps its stack.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)

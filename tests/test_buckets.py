@@ -158,6 +158,15 @@ def _one_line_exit(argv, within: float) -> str:
   return message
 
 
+def test_one_retry_setting_bounds_every_client():
+  tensorflow = paths.tensorflow_settings({paths.RETRIES_ENV: '3'})
+  assert tensorflow['GCS_RETRY_CONFIG_MAX_RETRIES'] == '3'
+  assert paths.tensorflow_settings({})['GCS_RETRY_CONFIG_MAX_RETRIES'] == str(paths.BUCKET_RETRIES)
+  with pytest.raises(ValueError, match=r"^MIXER_JAX_BUCKET_RETRIES='two': give a whole number of retries >= 0"):
+    paths.client_settings({paths.RETRIES_ENV: 'two'})
+  assert paths.tensorflow_settings({paths.RETRIES_ENV: 'two'}) == {}  # reported by client_settings, not on import
+
+
 @pytest.mark.parametrize('case,expected', [
     ('missing bucket', 'the bucket gs://{bucket}-missing does not exist: create it'),
     ('no answer', 'no answer from http://127.0.0.1:'),
