@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
 # Whole files per worker, the longest first (the order is tests/conftest.py's, not xdist's most-tests-first).
-PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: bench gpu-compiler quickstart test test-fast venv debian-packages
 
