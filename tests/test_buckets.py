@@ -251,6 +251,7 @@ def test_a_run_in_a_bucket_killed_or_cut_off_mid_save_resumes_to_the_uninterrupt
   assert results['top1'] == next(r['test/top1'] for r in rows if 'test/top1' in r)
 
 
+@pytest.mark.slow
 def test_checkpoint_benchmark_compares_a_disk_and_a_bucket_and_leaves_nothing_in_them(bucket, tmp_path, capsys):
   jsonl, disk = tmp_path / 'bench.jsonl', tmp_path / 'disk'
   disk.mkdir()
