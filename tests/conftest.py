@@ -37,8 +37,8 @@ def pytest_unconfigure(config):
 # The files that take longest, first (measured with --durations=0): pytest-xdist gives each free worker the next file
 # in this order (make test: --dist loadfile --no-loadscope-reorder, instead of the default, most tests first, which
 # left the files of a few long tests for the end and one worker alone with them).
-LONGEST_FIRST = ('test_aot_gpu.py', 'test_docs.py', 'test_aot.py', 'test_buckets.py', 'test_train.py',
-                 'test_models.py', 'test_recipes.py', 'test_multihost.py', 'test_gpu_launchers.py',
+LONGEST_FIRST = ('test_aot_gpu.py', 'test_docs.py', 'test_aot.py', 'test_randaug_timm.py', 'test_buckets.py',
+                 'test_train.py', 'test_models.py', 'test_recipes.py', 'test_multihost.py', 'test_gpu_launchers.py',
                  'test_convert_timm.py', 'test_data_pipeline.py', 'test_workdirs.py', 'test_commands.py',
                  'test_bench.py', 'test_checkpoints.py')
 
