@@ -65,13 +65,7 @@ class Checkpointer:
     paths.configure_clients()
     _bound_bucket_retries(paths.bucket_retries())
     _ignore_io_into_closed_loops()
-    if jax.process_count() == 1 and jax.default_backend() == 'cpu':
-      # orbax's replica-parallel saving has each replica of an array write a slice of it, to spread the copies to
-      # host memory and the writes over devices and hosts. One process on the CPU has neither to spread, and the
-      # slicing compiles a program per slice and device: 280 for the DaViT quickstart on 8 devices, 15 s of its
-      # first save. (orbax turns it off on GPUs itself.)
-      type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(  # the public register_type_handler logs a warning
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True, ignore_warnings=True)
+    _no_replica_parallel_saves_in_one_cpu_process()
     self.workdir = paths.resolve(workdir)
     self.directory = paths.join(self.workdir, 'checkpoints')
     self.damaged_directory = paths.join(self.workdir, 'checkpoints_damaged')
@@ -220,6 +214,16 @@ def _bound_bucket_retries(retries: int) -> None:
   policy = {'max_retries': retries, 'initial_delay': '1s', 'max_delay': '32s'}
   for template in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
     template['gcs_request_retries'] = policy
+
+
+def _no_replica_parallel_saves_in_one_cpu_process() -> None:
+  """orbax's replica-parallel saving has each replica of an array write a slice of it, to spread the copies to host
+  memory and the writes over devices and hosts. One process on the CPU has neither to spread, and the slicing
+  compiles a program per slice and device: 280 for the DaViT quickstart on 8 devices, 15 s of its first save. (orbax
+  turns it off on GPUs itself.) For the whole process, as orbax's type handlers are."""
+  if jax.process_count() == 1 and jax.default_backend() == 'cpu':
+    type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(  # the public register_type_handler logs a warning
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True, ignore_warnings=True)
 
 
 def abstract_like(shapes, shardings):
